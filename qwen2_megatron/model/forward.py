@@ -1,0 +1,88 @@
+"""Forward (and backward) passes through megatron-core's pipeline schedules.
+
+Every pass, with or without pipeline parallelism, goes through megatron-core's
+get_forward_backward_func(), so the same code serves PP=1, 1F1B and interleaved schedules.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any, Iterator
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from torch import Tensor
+
+
+def _position_ids(tokens: Tensor) -> Tensor:
+    return torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0).expand_as(tokens)
+
+
+def lm_loss(loss_mask: Tensor, per_token_loss: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    """Mean cross-entropy over the unmasked tokens of one micro-batch."""
+    mask = loss_mask.float()
+    loss = (per_token_loss.float() * mask).sum() / mask.sum().clamp(min=1)
+    return loss, {"lm loss": loss.detach()}
+
+
+def _lm_step(data_iterator: Iterator[dict[str, Tensor]], model: torch.nn.Module) -> tuple[Tensor, Any]:
+    batch = next(data_iterator)
+    tokens = batch["tokens"]
+    output = model(tokens, _position_ids(tokens), None, labels=batch["labels"])
+    return output, partial(lm_loss, batch["loss_mask"])
+
+
+def forward_backward(
+    chunks: list[torch.nn.Module],
+    micro_batches: list[dict[str, Tensor]],
+    forward_only: bool = False,
+) -> list[dict[str, Tensor]]:
+    """Run the micro-batches (dicts of tokens, labels, loss_mask, each [b, s]) through the model.
+
+    Gradients accumulate in the parameters (or megatron DDP's buffers). Returns the per-micro-batch
+    loss dicts on the last pipeline stage and an empty list elsewhere.
+    """
+    first = micro_batches[0]["tokens"]
+    iterators = [iter(micro_batches) for _ in chunks]
+    return get_forward_backward_func()(
+        forward_step_func=_lm_step,
+        data_iterator=iterators if len(chunks) > 1 else iterators[0],
+        model=chunks,
+        num_microbatches=len(micro_batches),
+        seq_length=first.shape[1],
+        micro_batch_size=first.shape[0],
+        forward_only=forward_only,
+    )
+
+
+def forward_logits(chunks: list[torch.nn.Module], tokens: Tensor) -> Tensor | None:
+    """Full-vocabulary logits [b, s, vocab] on the last pipeline stage, None on other stages.
+
+    The chunks must be built with parallel_output=False (logits gathered over TP).
+    """
+    collected: list[Tensor] = []
+
+    def step(data_iterator: Iterator[Tensor], model: torch.nn.Module) -> tuple[Tensor, Any]:
+        batch = next(data_iterator)
+        output = model(batch, _position_ids(batch), None)
+
+        def keep(logits: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+            collected.append(logits.detach())
+            return logits.sum() * 0.0, {}
+
+        return output, keep
+
+    with torch.no_grad():
+        get_forward_backward_func()(
+            forward_step_func=step,
+            data_iterator=[iter([tokens]) for _ in chunks] if len(chunks) > 1 else iter([tokens]),
+            model=chunks,
+            num_microbatches=1,
+            seq_length=tokens.shape[1],
+            micro_batch_size=tokens.shape[0],
+            forward_only=True,
+        )
+    if not parallel_state.is_pipeline_last_stage():
+        return None
+    return collected[0]

@@ -1,0 +1,44 @@
+"""Which layer implementation a Qwen2 decoder block uses: Transformer Engine's or the local one.
+
+This is the single place where megatron-core's layer specs are extended. With Transformer Engine
+importable and a GPU present, megatron-core's TE spec is used unchanged. Otherwise megatron-core's
+local spec is taken and two submodules are swapped (local_modules.py): the attention core for a
+fused SDPA one and the norms for an RMSNorm that supports sequence parallelism.
+"""
+
+from __future__ import annotations
+
+import torch
+from megatron.core.extensions.transformer_engine import HAVE_TE
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from qwen2_megatron.model.local_modules import Qwen2RMSNorm, SDPAttention
+
+
+def use_transformer_engine() -> bool:
+    """Transformer Engine layers need both the package and a GPU."""
+    return HAVE_TE and torch.cuda.is_available()
+
+
+def decoder_block_spec(
+    config: TransformerConfig, vp_stage: int | None, te: bool
+) -> TransformerBlockSubmodules:
+    """The layers of this pipeline (virtual) stage, dense or MoE per config.moe_layer_freq."""
+    block = get_gpt_decoder_block_spec(
+        config, use_transformer_engine=te, normalization="RMSNorm", vp_stage=vp_stage
+    )
+    if not te:
+        for layer in {id(spec): spec for spec in block.layer_specs}.values():
+            _swap_local_modules(layer)
+        block.layer_norm = Qwen2RMSNorm
+    return block
+
+
+def _swap_local_modules(layer: ModuleSpec) -> None:
+    sub = layer.submodules
+    sub.input_layernorm = Qwen2RMSNorm
+    sub.pre_mlp_layernorm = Qwen2RMSNorm
+    sub.self_attention.submodules.core_attention = SDPAttention
