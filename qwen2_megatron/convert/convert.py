@@ -8,7 +8,6 @@ finished: a failed or interrupted conversion leaves no half-written output behin
 
 from __future__ import annotations
 
-import math
 import os
 import shutil
 from pathlib import Path
@@ -22,7 +21,7 @@ from qwen2_megatron.convert.hf_io import HFCheckpoint, gather_hf_state, load_hf_
 from qwen2_megatron.model.builder import build_model
 from qwen2_megatron.model.forward import forward_logits
 from qwen2_megatron.model.shape import Qwen2Shape
-from qwen2_megatron.parallel.layout import LayoutError, ParallelLayout
+from qwen2_megatron.parallel.layout import ParallelLayout
 from qwen2_megatron.parallel.local_launch import spawn
 from qwen2_megatron.parallel.runtime import init_runtime, shutdown_runtime
 
@@ -30,19 +29,12 @@ _PRECISION = {torch.float32: "fp32", torch.bfloat16: "bf16"}
 _DTYPE = {v: k for k, v in _PRECISION.items()}
 
 
-def conversion_world_size(layout: ParallelLayout) -> int:
-    """Fewest processes that realise the layout: data parallel only as far as EP needs it."""
-    expert_width = layout.ep * layout.expert_tp
-    dp = expert_width // math.gcd(layout.tp * layout.cp, expert_width)
-    return layout.model_parallel_size * dp
-
-
 def import_hf(hf_dir: str | Path, out: str | Path, layout: ParallelLayout) -> Path:
     """Convert a Hugging Face Qwen2 / Qwen2-MoE directory to a megatron distributed checkpoint."""
     ckpt = HFCheckpoint(hf_dir)  # validates config and tensor list before any process starts
     if ckpt.dtype not in _PRECISION:
         raise ValueError(f"{hf_dir}: dtype {ckpt.dtype} is not supported; use float32 or bfloat16")
-    world = conversion_world_size(layout)
+    world = layout.min_world_size()
     _check_layout(layout, ckpt.shape, world)
     return _publish(out, lambda tmp: spawn(_import_rank, world, str(hf_dir), str(tmp), layout))
 
@@ -51,7 +43,7 @@ def export_hf(ckpt_dir: str | Path, out: str | Path, layout: ParallelLayout | No
     """Convert a megatron checkpoint written by qwen2-megatron to a Hugging Face directory."""
     layout = layout or ParallelLayout()
     shape = checkpoint_shape(ckpt_dir)
-    world = conversion_world_size(layout)
+    world = layout.min_world_size()
     _check_layout(layout, shape, world)
     return _publish(out, lambda tmp: spawn(_export_rank, world, str(ckpt_dir), str(tmp), layout))
 
@@ -61,7 +53,7 @@ def megatron_logits(
 ) -> torch.Tensor:
     """fp32 logits [b, s, vocab] of a megatron checkpoint, computed in the given layout."""
     layout = layout or ParallelLayout()
-    world = conversion_world_size(layout)
+    world = layout.min_world_size()
     _check_layout(layout, checkpoint_shape(ckpt_dir), world, tokens.shape[1])
     results = spawn(_logits_rank, world, str(ckpt_dir), tokens, layout)
     return next(r for r in results if r is not None)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -18,7 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from qwen2_megatron.convert.mapping import ParamMapping, hf_tensor_names, param_mappings, to_hf, to_megatron
+from qwen2_megatron.convert.mapping import ParamMapping, hf_tensor_shapes, param_mappings, to_hf, to_megatron
 from qwen2_megatron.model.shape import Qwen2Shape
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -45,8 +46,8 @@ class HFCheckpoint:
         except json.JSONDecodeError as err:
             raise CheckpointFormatError(f"{config_file} is not valid JSON: {err}") from None
         self.shape = Qwen2Shape.from_hf_config(self.config)
+        self._handles: dict[str, Any] = {}
         self._files = self._weight_files()
-        self._handles: dict[str, object] = {}
 
     @property
     def dtype(self) -> torch.dtype:
@@ -69,22 +70,32 @@ class HFCheckpoint:
                 "PyTorch .bin checkpoints are not read (they unpickle code): convert them with "
                 "transformers' save_pretrained(safe_serialization=True)"
             )
-        missing = [n for n in hf_tensor_names(self.shape) if n not in weight_map]
+        for name in set(weight_map.values()):
+            if not (self.path / name).is_file():
+                raise CheckpointFormatError(f"{self.path / name} (listed in {SAFETENSORS_INDEX}) is missing")
+        expected = hf_tensor_shapes(self.shape)
+        missing = [n for n in expected if n not in weight_map]
         if missing:
             raise CheckpointFormatError(
                 f"{self.path} lacks {len(missing)} tensors that config.json implies, e.g. "
                 f"{missing[:3]}; is the checkpoint complete and does config.json belong to it?"
             )
-        for name in set(weight_map.values()):
-            if not (self.path / name).is_file():
-                raise CheckpointFormatError(f"{self.path / name} (listed in {SAFETENSORS_INDEX}) is missing")
+        for name, dims in expected.items():
+            found = tuple(self._handle(weight_map[name]).get_slice(name).get_shape())
+            if found != dims:
+                raise CheckpointFormatError(
+                    f"{self.path / weight_map[name]}: tensor {name} has shape {found} but "
+                    f"config.json implies {dims}; the weights and config.json disagree"
+                )
         return weight_map
 
-    def get(self, name: str) -> Tensor:
-        file = self._files[name]
+    def _handle(self, file: str) -> Any:
         if file not in self._handles:
             self._handles[file] = safe_open(self.path / file, "pt")
-        return self._handles[file].get_tensor(name)  # type: ignore[attr-defined]
+        return self._handles[file]
+
+    def get(self, name: str) -> Tensor:
+        return self._handle(self._files[name]).get_tensor(name)
 
 
 def load_hf_weights(chunks: list[torch.nn.Module], ckpt: HFCheckpoint) -> None:
@@ -92,12 +103,6 @@ def load_hf_weights(chunks: list[torch.nn.Module], ckpt: HFCheckpoint) -> None:
     for chunk in chunks:
         for m in param_mappings(chunk, ckpt.shape):
             local = to_megatron(m, [ckpt.get(n) for n in m.hf_names], ckpt.shape)
-            if local.shape != m.param.shape:
-                raise CheckpointFormatError(
-                    f"{ckpt.path}: {', '.join(m.hf_names)} give {tuple(local.shape)} for megatron "
-                    f"{m.name} but the model expects {tuple(m.param.shape)}; config.json and "
-                    "the weights disagree"
-                )
             with torch.no_grad():
                 m.param.copy_(local)
 

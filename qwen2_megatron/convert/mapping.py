@@ -103,23 +103,39 @@ def param_mappings(chunk: torch.nn.Module, shape: Qwen2Shape) -> Iterator[ParamM
             raise KeyError(f"no Hugging Face mapping for megatron parameter {name}")
 
 
-def hf_tensor_names(shape: Qwen2Shape) -> list[str]:
-    """Every tensor name a Hugging Face checkpoint of this shape holds."""
-    names = ["model.embed_tokens.weight", "model.norm.weight"]
+def hf_tensor_shapes(shape: Qwen2Shape) -> dict[str, tuple[int, ...]]:
+    """Every tensor a Hugging Face checkpoint of this shape holds, with its shape."""
+    h, d = shape.hidden_size, shape.kv_channels
+    q, kv = shape.num_attention_heads * d, shape.num_key_value_heads * d
+    ffn, expert_ffn, shared_ffn = (
+        shape.intermediate_size, shape.moe_intermediate_size, shape.shared_expert_intermediate_size
+    )
+    layer_dims = {
+        "input_layernorm.weight": (h,), "post_attention_layernorm.weight": (h,),
+        "self_attn.q_proj.weight": (q, h), "self_attn.q_proj.bias": (q,),
+        "self_attn.k_proj.weight": (kv, h), "self_attn.k_proj.bias": (kv,),
+        "self_attn.v_proj.weight": (kv, h), "self_attn.v_proj.bias": (kv,),
+        "self_attn.o_proj.weight": (h, q),
+        "mlp.gate_proj.weight": (ffn, h), "mlp.up_proj.weight": (ffn, h), "mlp.down_proj.weight": (h, ffn),
+        "mlp.gate.weight": (shape.num_experts, h), "mlp.shared_expert_gate.weight": (1, h),
+        "mlp.shared_expert.gate_proj.weight": (shared_ffn, h),
+        "mlp.shared_expert.up_proj.weight": (shared_ffn, h),
+        "mlp.shared_expert.down_proj.weight": (h, shared_ffn),
+    }
+    expert_dims = {
+        "gate_proj.weight": (expert_ffn, h), "up_proj.weight": (expert_ffn, h), "down_proj.weight": (h, expert_ffn),
+    }
+    shapes = {"model.embed_tokens.weight": (shape.vocab_size, h), "model.norm.weight": (h,)}
     if not shape.tie_word_embeddings:
-        names.append("lm_head.weight")
+        shapes["lm_head.weight"] = (shape.vocab_size, h)
     for layer, moe in enumerate(shape.moe_layer_pattern()):
         prefix = f"model.layers.{layer}."
         rows = _ATTENTION + (_MOE_SHARED if moe else _DENSE_MLP)
-        names += [prefix + n for _, hf, _ in rows for n in hf]
+        shapes.update({prefix + n: layer_dims[n] for _, hf, _ in rows for n in hf})
         if moe:
-            names += [
-                f"{prefix}mlp.experts.{e}.{n}"
-                for e in range(shape.num_experts)
-                for _, hf, _ in _EXPERT
-                for n in hf
-            ]
-    return names
+            for expert in range(shape.num_experts):
+                shapes.update({f"{prefix}mlp.experts.{expert}.{n}": dims for n, dims in expert_dims.items()})
+    return shapes
 
 
 def to_megatron(m: ParamMapping, hf: list[Tensor], shape: Qwen2Shape) -> Tensor:

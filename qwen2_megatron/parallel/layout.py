@@ -38,6 +38,11 @@ class ParallelLayout:
     def expert_tp(self) -> int:
         return self.tp if self.etp is None else self.etp
 
+    def min_world_size(self) -> int:
+        """Fewest processes that realise this layout: data parallel only as far as EP needs."""
+        expert_width = self.ep * self.expert_tp
+        return self.model_parallel_size * expert_width // math.gcd(self.tp * self.cp, expert_width)
+
     def world_size(self) -> int:
         if self.dp is None:
             raise LayoutError("parallel.dp is not resolved yet; call resolve(world_size) first")
