@@ -23,14 +23,13 @@ def save_random_hf(path: Path, moe: bool, seed: int = 0, **overrides) -> Path:
         rms_norm_eps=1e-6, initializer_range=0.1,
     )
     if moe:
-        config = Qwen2MoeConfig(
-            **common, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24,
-            shared_expert_intermediate_size=40, tie_word_embeddings=False, **overrides,
+        moe_defaults = dict(
+            num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24,
+            shared_expert_intermediate_size=40, tie_word_embeddings=False,
         )
-        model = Qwen2MoeForCausalLM(config)
+        model = Qwen2MoeForCausalLM(Qwen2MoeConfig(**common | moe_defaults | overrides))
     else:
-        config = Qwen2Config(**common, tie_word_embeddings=True, **overrides)
-        model = Qwen2ForCausalLM(config)
+        model = Qwen2ForCausalLM(Qwen2Config(**common | {"tie_word_embeddings": True} | overrides))
     with torch.no_grad():  # non-trivial norm weights and biases, so a mix-up cannot hide
         for name, param in model.named_parameters():
             if "norm" in name or "bias" in name:

@@ -59,7 +59,8 @@ def forward_backward(
 def forward_logits(chunks: list[torch.nn.Module], tokens: Tensor) -> Tensor | None:
     """Full-vocabulary logits [b, s, vocab] on the last pipeline stage, None on other stages.
 
-    The chunks must be built with parallel_output=False (logits gathered over TP).
+    Each sample is its own micro-batch (the interleaved schedule needs a multiple of the
+    pipeline size). The chunks must be built with parallel_output=False (logits gathered over TP).
     """
     collected: list[Tensor] = []
 
@@ -73,16 +74,17 @@ def forward_logits(chunks: list[torch.nn.Module], tokens: Tensor) -> Tensor | No
 
         return output, keep
 
+    samples = list(tokens.split(1))
     with torch.no_grad():
         get_forward_backward_func()(
             forward_step_func=step,
-            data_iterator=[iter([tokens]) for _ in chunks] if len(chunks) > 1 else iter([tokens]),
+            data_iterator=[iter(samples) for _ in chunks] if len(chunks) > 1 else iter(samples),
             model=chunks,
-            num_microbatches=1,
+            num_microbatches=len(samples),
             seq_length=tokens.shape[1],
-            micro_batch_size=tokens.shape[0],
+            micro_batch_size=1,
             forward_only=True,
         )
     if not parallel_state.is_pipeline_last_stage():
         return None
-    return collected[0]
+    return torch.cat(collected)
