@@ -6,7 +6,6 @@ processes; it imports neither torch nor megatron unless an indexed source needs 
 
 from __future__ import annotations
 
-import os
 import traceback
 from collections.abc import Iterator
 from typing import Any
@@ -16,7 +15,7 @@ import numpy as np
 from qwen2_megatron.data.config import MixtureConfig
 from qwen2_megatron.data.indexed import IndexedSource
 from qwen2_megatron.data.mixture import DocumentSource, Lane
-from qwen2_megatron.data.sources import StreamedSource
+from qwen2_megatron.data.sources import StreamedSource, setup_worker_process
 from qwen2_megatron.data.tokenizer import QwenTokenizer
 
 LaneItem = tuple[int, np.ndarray | None, dict]  # (lane, window or None at the end, lane state after it)
@@ -60,8 +59,7 @@ def worker_main(
     order: list[int], states: dict[int, dict | None], out: Any,
 ) -> None:
     """Entry point of a background worker: fills `out` until killed, the lanes end, or an error."""
-    # Workers never need torch; `datasets` would import it (seconds per worker) unless told not to.
-    os.environ["USE_TORCH"] = "0"
+    setup_worker_process()
     try:
         tokenizer = QwenTokenizer(tokenizer_path)
         for item in run_lanes(config, seq_length, files, tokenizer, order, states):

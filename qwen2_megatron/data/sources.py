@@ -36,6 +36,12 @@ class DataSourceError(ValueError):
     """A data file that cannot be read as configured; the message names the file and the fix."""
 
 
+def setup_worker_process() -> None:
+    """For background reader processes: they never need torch, which `datasets` would otherwise
+    import (seconds per process)."""
+    os.environ["USE_TORCH"] = "0"
+
+
 def resolve_files(source: SourceConfig) -> list[str]:
     """Expand globs and directories into a sorted list of readable files; missing ones are errors."""
     files: list[str] = []
