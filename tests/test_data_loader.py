@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from qwen2_megatron.data.config import DataConfigError, MixtureConfig
+from qwen2_megatron.data.demo import demo_mixture
 from qwen2_megatron.data.loader import MixtureDataLoader, build_data_loader, merge_states
 from qwen2_megatron.data.report import mixture_report
 from qwen2_megatron.data.sources import StreamedSource, resolve_files
@@ -159,3 +160,14 @@ def test_bad_loader_settings(corpus, tokenizer) -> None:
         build_data_loader(corpus_mixture(root), tokenizer, SEQ * 2, 1).load_state_dict(state)
     with pytest.raises(Exception, match="smaller than the tokenizer"):
         build_data_loader(corpus_mixture(root), tokenizer, SEQ, 1, model_vocab_size=384)
+
+
+def test_demo_mixture_builds_and_draws_every_source(tmp_path, tokenizer) -> None:
+    config = demo_mixture(tmp_path / "demo", shuffle_block_docs=2, num_workers=0)
+    loader = build_data_loader(config, tokenizer, 256, config.num_lanes, model_vocab_size=151936)
+    for _ in range(12):
+        batch = next(loader)
+    assert batch["tokens"].shape == (8, 256)
+    report = mixture_report(loader.state_dict())
+    assert all(row["documents"] > 0 for row in report["sources"].values()), report["text"]
+    assert sorted(report["sources"]) == ["code", "english", "math", "multilingual"]

@@ -23,7 +23,6 @@ from qwen2_megatron.data.config import MixtureConfig, SourceConfig
 
 SHIPPED = Path(__file__).parent / "demo_corpus"
 CODE_SHARDS = 8
-DEMO_SEQ_LENGTH = 256
 
 
 def default_cache_dir() -> Path:
