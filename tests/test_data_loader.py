@@ -64,6 +64,8 @@ def test_resume_and_dp_change_continue_the_global_sequence(corpus, tokenizer) ->
     workers = _resume(state, corpus_mixture(root, num_workers=2), tokenizer, dp=1)
     try:
         assert _global_samples(workers, steps=6) == reference[28:40]
+        saved_with_prefetch = workers[0].state_dict()  # the workers ran ahead: only consumed counts
+        assert _global_samples(_resume(saved_with_prefetch, config, tokenizer, dp=2), steps=3) == reference[40:52]
     finally:
         for ld in workers:
             ld.close()
@@ -164,7 +166,7 @@ def test_bad_loader_settings(corpus, tokenizer) -> None:
 
 def test_demo_mixture_builds_and_draws_every_source(tmp_path, tokenizer) -> None:
     config = demo_mixture(tmp_path / "demo", shuffle_block_docs=2, num_workers=0)
-    loader = build_data_loader(config, tokenizer, 256, config.num_lanes, model_vocab_size=151936)
+    loader = build_data_loader(config, None, 256, config.num_lanes, model_vocab_size=151936)  # default tokenizer
     for _ in range(12):
         batch = next(loader)
     assert batch["tokens"].shape == (8, 256)

@@ -66,6 +66,19 @@ def test_corrupt_files_are_named(tmp_path, tokenizer) -> None:
         _first_batch(tokenizer, SourceConfig(name="a", paths=[str(tmp_path / "ok.jsonl")], text_key="body"))
 
 
+def test_an_error_in_a_background_worker_reaches_the_trainer(tmp_path, tokenizer) -> None:
+    whole = write_jsonl(tmp_path / "ok.jsonl", english_docs()[:6]).read_text()
+    (tmp_path / "cut.jsonl").write_text(whole[: len(whole) // 2])
+    config = MixtureConfig(sources=[SourceConfig(name="a", paths=[str(tmp_path / "cut.jsonl")])], num_lanes=1, num_workers=1)
+    loader = build_data_loader(config, tokenizer, 32, 1)
+    try:
+        with pytest.raises(RuntimeError, match=r"(?s)qwen2-data-worker-0 failed.*cut\.jsonl.*truncated"):
+            for _ in range(100):
+                next(loader)
+    finally:
+        loader.close()
+
+
 def test_empty_documents_are_skipped_and_counted(tmp_path, tokenizer) -> None:
     docs = english_docs()[:4]
     path = write_jsonl(tmp_path / "gaps.jsonl", [docs[0], "", docs[1], "", "", docs[2], docs[3]])

@@ -69,6 +69,7 @@ class MixtureConfig:
     reset_attention_mask: bool = False  # no attention across document boundaries
     num_workers: int = 1  # background tokenising processes per loader; 0 = in the caller
     prefetch_samples: int = 64  # per worker
+    worker_timeout_s: float = 600.0  # a worker silent this long (e.g. a stalled remote read) is an error
     tokenizer: str | None = None  # a tokenizer directory; None = the installed Qwen2 tokenizer
 
     def validate(self) -> None:

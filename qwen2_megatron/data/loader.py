@@ -115,13 +115,20 @@ class MixtureDataLoader:
         position = 0
         while True:
             proc, out = self._workers[position % len(self._workers)]
+            waited = 0.0
             while True:
                 try:
                     item = out.get(timeout=_POLL_S)
                     break
                 except queue.Empty:
+                    waited += _POLL_S
                     if not proc.is_alive():
                         raise RuntimeError(f"data worker {proc.name} died (exit code {proc.exitcode})") from None
+                    if waited >= self.config.worker_timeout_s:
+                        raise TimeoutError(
+                            f"data worker {proc.name} produced nothing for {waited:.0f} s (a stalled read?); "
+                            f"raise data.worker_timeout_s if the sources are that slow"
+                        ) from None
             if item[0] == "error":
                 raise RuntimeError(f"data worker {proc.name} failed:\n{item[1]}")
             yield item
@@ -203,11 +210,13 @@ def merge_states(parts: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def build_data_loader(
-    config: MixtureConfig, tokenizer: QwenTokenizer, seq_length: int, micro_batch_size: int,
+    config: MixtureConfig, tokenizer: QwenTokenizer | None, seq_length: int, micro_batch_size: int,
     dp_rank: int = 0, dp_size: int = 1, dp_group: dist.ProcessGroup | None = None,
     model_vocab_size: int | None = None,
 ) -> MixtureDataLoader:
-    """The trainer's entry point; checks the tokenizer against the model's vocabulary first."""
+    """The trainer's entry point. tokenizer=None loads config.tokenizer (default: the installed
+    Qwen2 tokenizer); a model_vocab_size is checked against the tokenizer first."""
+    tokenizer = tokenizer or QwenTokenizer(config.tokenizer)
     if model_vocab_size is not None:
         tokenizer.check_model_vocab(model_vocab_size)
     return MixtureDataLoader(config, tokenizer, seq_length, micro_batch_size, dp_rank, dp_size, dp_group)
