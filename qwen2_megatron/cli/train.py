@@ -1,88 +1,101 @@
-"""qwen2-train: the main job. Until the Hydra trainer lands (issue 4) it runs the embedded smoke
-training: the tiny Qwen2 on local processes (gloo on CPU), megatron-core DDP and Adam, a fixed
-batch of random token ids memorised for a few steps, so the loss must fall.
+"""qwen2-train: Hydra-configured pre-training.
+
+Without overrides it runs the embedded default: the tiny Qwen2 on CPU, launcher.nproc=2 processes
+over gloo, on the demo corpus. Under torchrun (RANK set) each process runs the trainer itself;
+otherwise this command starts launcher.nproc local processes. The config is validated before any
+process starts, printed once and saved as <run dir>/config.yaml.
+
+  qwen2-train                                   # the CPU demo
+  qwen2-train train.steps=50 parallel.tp=2      # any key, any value
+  qwen2-train +experiment=qwen2_7b              # a recipe from conf/experiment
+  qwen2-train --cfg job                         # print the composed config and exit
 """
 
 from __future__ import annotations
 
-import argparse
+import os
 import sys
-import time
+from pathlib import Path
 
-import torch
+import hydra
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
-from qwen2_megatron.cli.common import add_layout_args, fail, layout_from_args
-from qwen2_megatron.model.presets import PRESETS, get_preset
-from qwen2_megatron.parallel.layout import LayoutError, ParallelLayout
+from qwen2_megatron.model.presets import PRESETS
+from qwen2_megatron.train.config import TrainerConfig
+
+CONF_DIR = Path(os.environ.get("QWEN2_MEGATRON_CONF", Path(__file__).resolve().parents[2] / "conf"))
 
 
-def smoke_rank(model: str, layout: ParallelLayout, steps: int, seq: int, lr: float) -> list[float]:
-    """Train `steps` steps on one fixed batch; returns the losses (last pipeline stage only)."""
-    from megatron.core import parallel_state
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+def _register() -> None:
+    store = ConfigStore.instance()
+    store.store(name="trainer_schema", node=TrainerConfig)
+    for name, shape in PRESETS.items():
+        store.store(group="model", name=name, node=shape)
+    if not OmegaConf.has_resolver("demo_corpus"):
+        OmegaConf.register_new_resolver("demo_corpus", _demo_path)
 
-    from qwen2_megatron.model.builder import build_model
-    from qwen2_megatron.model.forward import forward_backward
-    from qwen2_megatron.parallel.ddp import wrap_ddp
-    from qwen2_megatron.parallel.runtime import init_runtime, shutdown_runtime
 
-    shape = get_preset(model)
-    runtime = init_runtime(layout)
+def _demo_path(name: str) -> str:
+    from qwen2_megatron.data.demo import SHIPPED, build_demo_corpus
+
+    shipped = SHIPPED / name
+    return str(shipped if shipped.exists() else build_demo_corpus() / name)
+
+
+def train_rank(cfg: TrainerConfig) -> list[float]:
+    """One process's training run; returns the per-step losses."""
+    from qwen2_megatron.parallel.runtime import shutdown_runtime
+    from qwen2_megatron.train.trainer import Trainer
+
     try:
-        chunks = wrap_ddp(build_model(shape, runtime.layout))
-        optimizer = get_megatron_optimizer(
-            OptimizerConfig(optimizer="adam", lr=lr, weight_decay=0.0, clip_grad=1.0), chunks
-        )
-        dp_rank = parallel_state.get_data_parallel_rank()
-        gen = torch.Generator().manual_seed(1000 + dp_rank)
-        tokens = torch.randint(0, 151643, (2, seq + 1), generator=gen).to(runtime.device)
-        batch = {"tokens": tokens[:, :-1], "labels": tokens[:, 1:], "loss_mask": torch.ones_like(tokens[:, 1:])}
-        losses = []
-        for step in range(steps):
-            start = time.perf_counter()
-            for chunk in chunks:
-                chunk.zero_grad_buffer()
-            optimizer.zero_grad()
-            out = forward_backward(chunks, [batch])
-            _, grad_norm, _ = optimizer.step()
-            if out:  # last pipeline stage
-                losses.append(out[0]["lm loss"].item())
-                if parallel_state.get_tensor_model_parallel_rank() == 0 and dp_rank == 0:
-                    print(f"step {step + 1:3d}/{steps}  loss {losses[-1]:.4f}  grad norm "
-                          f"{grad_norm:.3f}  {time.perf_counter() - start:.2f} s", flush=True)
-        return losses
+        return [r["loss"] for r in Trainer(cfg).train()]
     finally:
         shutdown_runtime()
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="qwen2-train",
-        description=(
-            "Train a Qwen2 model with megatron-core. Without arguments: the embedded CPU smoke "
-            "job (tiny Qwen2, 2 processes over gloo, data parallel). The full Hydra-configured "
-            "trainer replaces this entry point."
-        ),
-    )
-    parser.add_argument("--model", default="tiny", choices=sorted(PRESETS))
-    parser.add_argument("--nproc", type=int, default=2, help="local processes (default 2)")
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--seq-length", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=3e-3)
-    add_layout_args(parser, "how the processes split the model (data parallel fills the rest)")
-    args = parser.parse_args(argv)
+def run(cfg: TrainerConfig) -> list[float]:
+    """Validate, then train here (under torchrun) or on launcher.nproc local processes."""
+    from qwen2_megatron.model.spec import use_transformer_engine
     from qwen2_megatron.parallel.local_launch import spawn
+    from qwen2_megatron.parallel.runtime import process_env
+    from qwen2_megatron.train.config import validate
 
-    layout = layout_from_args(args)
+    under_launcher = "RANK" in os.environ
+    world = process_env()[1] if under_launcher else cfg.launcher.nproc
+    validate(cfg, world, use_transformer_engine())
+    if under_launcher:
+        return train_rank(cfg)
+    return next(r for r in spawn(train_rank, world, cfg) if r is not None)
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
+def _hydra_main(dcfg: DictConfig) -> None:
+    from qwen2_megatron.parallel.runtime import process_env
+
+    from qwen2_megatron.parallel.local_launch import WorkerError
+
+    main_rank = process_env()[0] == 0
     try:
-        layout.resolve(args.nproc).check_model(get_preset(args.model), seq_length=args.seq_length)
-    except LayoutError as err:
-        return fail(err)
-    results = spawn(smoke_rank, args.nproc, args.model, layout, args.steps, args.seq_length, args.lr)
-    losses = next(r for r in results if r)
-    print(f"loss {losses[0]:.4f} -> {losses[-1]:.4f} in {args.steps} steps")
-    return 0 if losses[-1] < losses[0] else 1
+        cfg: TrainerConfig = OmegaConf.to_object(dcfg)  # type: ignore[assignment]
+        if main_rank:
+            print(OmegaConf.to_yaml(OmegaConf.structured(cfg)), flush=True)
+        losses = run(cfg)
+    except (ValueError, OmegaConfBaseException) as err:  # config errors name the key and the fix
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except WorkerError as err:
+        print(f"error: training failed on a rank:\n{err}", file=sys.stderr)
+        sys.exit(1)
+    if main_rank and losses:
+        print(f"done: loss {losses[0]:.4f} -> {losses[-1]:.4f} over {len(losses)} steps", flush=True)
+
+
+def main() -> None:
+    _register()
+    _hydra_main()
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -23,7 +23,8 @@ def lm_loss(loss_mask: Tensor, per_token_loss: Tensor) -> tuple[Tensor, dict[str
     """Mean cross-entropy over the unmasked tokens of one micro-batch."""
     mask = loss_mask.float()
     loss = (per_token_loss.float() * mask).sum() / mask.sum().clamp(min=1)
-    return loss, {"lm loss": loss.detach()}
+    # clone: the schedule divides the returned loss in place by the number of micro-batches
+    return loss, {"lm loss": loss.detach().clone()}
 
 
 def _lm_step(data_iterator: Iterator[dict[str, Tensor]], model: torch.nn.Module) -> tuple[Tensor, Any]:

@@ -123,3 +123,16 @@ def rank_memory(
         grad_bytes=params * 4,
         optimizer_bytes=int(optimizer_params * state_bytes),
     )
+
+
+def training_flops_per_token(shape: Qwen2Shape, seq_length: int) -> float:
+    """Model FLOPs per trained token: 6 N + 12 L d s (PaLM / torchtitan convention).
+
+    N counts the active non-embedding parameters plus the output (LM head) matrix; attention is
+    counted as non-causal (../shared/reference/performance.md).
+    """
+    counts = count_parameters(shape)
+    table = shape.vocab_size * shape.hidden_size
+    n = counts.active - (0 if shape.tie_word_embeddings else table)
+    attention = 12 * shape.num_hidden_layers * shape.num_attention_heads * shape.kv_channels * seq_length
+    return 6 * n + attention

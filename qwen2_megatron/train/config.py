@@ -1,0 +1,202 @@
+"""The trainer's structured (typed) configuration: one section per concern, composed by Hydra.
+
+Each section is a dataclass; the model, layout and data sections are the classes their own
+modules define (Qwen2Shape, ParallelLayout, MixtureConfig), so a config key is validated where it
+is used. Hydra's ConfigStore holds the schema and the model presets; conf/ holds YAML choices
+(layouts, data mixtures, experiments). A typo or a wrong type fails when the config is composed;
+values that cannot work together fail in validate() before any process starts.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from qwen2_megatron.data.config import MixtureConfig
+from qwen2_megatron.model.shape import Qwen2Shape
+from qwen2_megatron.parallel.layout import ParallelLayout
+
+
+class ConfigError(ValueError):
+    """Training settings that cannot work together."""
+
+
+@dataclass
+class OptimConfig:
+    """AdamW (Qwen2-style: no weight decay on norms and biases) and its learning-rate schedule.
+
+    Defaults suit the tiny CPU demo; the recipes in conf/experiment set Qwen2's values.
+    """
+
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    schedule: str = "cosine"  # cosine | wsd | constant
+    warmup_steps: int = 20
+    decay_steps: int | None = None  # cosine/wsd: steps until min_lr (default: train.steps)
+    wsd_decay_steps: int | None = None  # wsd: length of the final decay (default: 10% of steps)
+    wsd_decay_style: str = "cosine"  # linear | cosine | exponential | minus_sqrt
+    distributed_optimizer: bool = True  # shard optimizer state over data-parallel ranks
+
+
+@dataclass
+class StageConfig:
+    """From `start_step` on, train with this sequence length and RoPE base (long-context phase)."""
+
+    start_step: int
+    seq_length: int
+    rope_theta: float | None = None
+
+
+@dataclass
+class TrainConfig:
+    """Steps, batch and numerics. Defaults are the CPU demo's (the 152k-token output layer
+    dominates a tiny model's step on CPU, so the demo trains on short sequences)."""
+
+    steps: int = 300
+    global_batch_size: int = 4  # sequences per optimizer step, over all data-parallel ranks
+    micro_batch_size: int = 2  # sequences per forward/backward on one rank
+    seq_length: int = 128
+    seed: int = 1234
+    precision: str = "fp32"  # fp32 | bf16 (fp32 master weights) | fp8 (Transformer Engine)
+    recompute: str = "none"  # none | selective (attention core) | full (whole layers)
+    on_nonfinite: str = "skip"  # skip the step | stop the run
+    max_consecutive_skips: int = 5
+    eval_interval: int = 0  # steps between evaluations; 0 = never
+    eval_steps: int = 4  # global batches per evaluation
+    init_from: str | None = None  # model weights to start from (a qwen2-convert checkpoint)
+    stages: list[StageConfig] = field(default_factory=list)
+
+
+@dataclass
+class WandbConfig:
+    """Weights & Biases; mode "disabled" writes nothing, "offline" writes local run files."""
+
+    mode: str = "disabled"  # online | offline | disabled
+    project: str = "qwen2-megatron"
+    entity: str | None = None
+    name: str | None = None  # default: run.name
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class LogConfig:
+    interval: int = 10  # steps between metric lines
+    progress_bar: bool = True
+    peak_tflops: float | None = None  # per device; None: known GPUs (H100/H200: 989), else no MFU
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/${run.name}"  # everything a run writes: config, metrics, W&B, checkpoints
+    name: str = "tiny-demo"
+
+
+@dataclass
+class LauncherConfig:
+    """How `qwen2-train` starts its processes when not already under torchrun."""
+
+    nproc: int = 2  # local processes (gloo on CPU, one per GPU otherwise)
+
+
+@dataclass
+class TrainerConfig:
+    model: Qwen2Shape = field(default_factory=lambda: _tiny())
+    parallel: ParallelLayout = field(default_factory=ParallelLayout)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: MixtureConfig = field(default_factory=MixtureConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
+
+
+def _tiny() -> Qwen2Shape:
+    from qwen2_megatron.model.presets import get_preset
+
+    return get_preset("tiny")
+
+
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "optim.schedule": ("cosine", "wsd", "constant"),
+    "optim.wsd_decay_style": ("linear", "cosine", "exponential", "minus_sqrt"),
+    "train.precision": ("fp32", "bf16", "fp8"),
+    "train.recompute": ("none", "selective", "full"),
+    "train.on_nonfinite": ("skip", "stop"),
+    "log.wandb.mode": ("online", "offline", "disabled"),
+}
+
+
+def _get(cfg: TrainerConfig, dotted: str) -> Any:
+    value: Any = cfg
+    for part in dotted.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def num_microbatches(cfg: TrainerConfig, dp: int) -> int:
+    return cfg.train.global_batch_size // (cfg.train.micro_batch_size * dp)
+
+
+def validate(cfg: TrainerConfig, world_size: int, have_te: bool = False) -> ParallelLayout:
+    """Check everything that can be checked before a process group or model exists.
+
+    Returns the layout resolved for `world_size` (data parallel filled in).
+    """
+    for key, allowed in _CHOICES.items():
+        if _get(cfg, key) not in allowed:
+            raise ConfigError(f"{key}={_get(cfg, key)!r}: choose one of {list(allowed)}")
+    t, o = cfg.train, cfg.optim
+    for key in ("train.steps", "train.global_batch_size", "train.micro_batch_size", "train.seq_length",
+                "log.interval", "train.max_consecutive_skips", "train.eval_steps"):
+        if _get(cfg, key) < 1:
+            raise ConfigError(f"{key}={_get(cfg, key)} must be >= 1")
+    if not (0 < o.lr and 0 <= o.min_lr <= o.lr and math.isfinite(o.lr)):
+        raise ConfigError(f"optim.lr={o.lr} and optim.min_lr={o.min_lr} need 0 <= min_lr <= lr, lr > 0")
+    decaying = o.schedule != "constant"
+    if o.warmup_steps < 0 or (decaying and o.warmup_steps >= (o.decay_steps or t.steps)):
+        raise ConfigError(
+            f"optim.warmup_steps={o.warmup_steps} must be in [0, decay steps={o.decay_steps or t.steps}); "
+            "shorten the warm-up or train longer"
+        )
+    if o.schedule == "wsd" and (o.wsd_decay_steps or 0) > (o.decay_steps or t.steps) - o.warmup_steps:
+        raise ConfigError(f"optim.wsd_decay_steps={o.wsd_decay_steps} is longer than the steps after warm-up")
+    if t.precision == "fp8" and not have_te:
+        raise ConfigError("train.precision=fp8 needs Transformer Engine on a GPU; use bf16 or install it")
+    if cfg.log.peak_tflops is not None and cfg.log.peak_tflops <= 0:
+        raise ConfigError(f"log.peak_tflops={cfg.log.peak_tflops} must be positive (or null)")
+    layout = cfg.parallel.resolve(world_size)
+    longest = max([t.seq_length] + [s.seq_length for s in t.stages])
+    layout.check_model(cfg.model, seq_length=longest, have_te=have_te)
+    per_step = t.micro_batch_size * layout.dp
+    if t.global_batch_size % per_step:
+        raise ConfigError(
+            f"train.global_batch_size={t.global_batch_size} is not a multiple of micro_batch_size "
+            f"x data-parallel size = {t.micro_batch_size} x {layout.dp} = {per_step}; use "
+            f"{max(per_step, t.global_batch_size // per_step * per_step)} (gradient accumulation "
+            "fills the rest)"
+        )
+    microbatches = num_microbatches(cfg, layout.dp)
+    if (layout.vpp or 1) > 1 and microbatches % layout.pp:
+        raise ConfigError(
+            f"the interleaved pipeline schedule needs the number of micro-batches ({microbatches}) "
+            f"to be a multiple of pp={layout.pp}; raise train.global_batch_size"
+        )
+    for stage in t.stages:
+        if not 0 < stage.start_step < t.steps:
+            raise ConfigError(f"train.stages: start_step={stage.start_step} must be inside (0, {t.steps})")
+        layout.check_model(cfg.model, seq_length=stage.seq_length, have_te=have_te)
+    if [s.start_step for s in t.stages] != sorted({s.start_step for s in t.stages}):
+        raise ConfigError("train.stages must have increasing, distinct start_step values")
+    if cfg.data.num_lanes % layout.dp:
+        raise ConfigError(
+            f"data.num_lanes={cfg.data.num_lanes} is not a multiple of the data-parallel size "
+            f"{layout.dp}; set data.num_lanes to a multiple of every DP size the run may use"
+        )
+    return layout

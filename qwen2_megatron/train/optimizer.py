@@ -1,0 +1,73 @@
+"""megatron-core's optimizer and learning-rate scheduler, and a step that refuses non-finite updates.
+
+AdamW comes from get_megatron_optimizer (distributed optimizer optional; fp32 master weights with
+bf16 parameters), whose default parameter groups already exempt 1-D parameters and biases from
+weight decay, as Qwen2's recipe does. The schedule is megatron-core's OptimizerParamScheduler
+stepped once per optimizer step (warm-up, then cosine, WSD or constant).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from megatron.core.optimizer import MegatronOptimizer, OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+from qwen2_megatron.train.config import OptimConfig, TrainConfig
+
+_STYLE = {"cosine": "cosine", "wsd": "WSD", "constant": "constant"}
+
+
+def build_optimizer(
+    optim: OptimConfig, precision: str, chunks: list[torch.nn.Module]
+) -> MegatronOptimizer:
+    config = OptimizerConfig(
+        optimizer="adam",
+        lr=optim.lr,
+        min_lr=optim.min_lr,
+        weight_decay=optim.weight_decay,
+        adam_beta1=optim.adam_beta1,
+        adam_beta2=optim.adam_beta2,
+        adam_eps=optim.adam_eps,
+        clip_grad=optim.clip_grad,
+        bf16=precision in ("bf16", "fp8"),
+        params_dtype=torch.bfloat16 if precision in ("bf16", "fp8") else torch.float32,
+        use_distributed_optimizer=optim.distributed_optimizer,
+    )
+    return get_megatron_optimizer(config, chunks)
+
+
+def build_scheduler(optim: OptimConfig, train: TrainConfig, optimizer: MegatronOptimizer) -> OptimizerParamScheduler:
+    decay = optim.decay_steps or train.steps
+    wsd = optim.wsd_decay_steps or max(1, train.steps // 10)
+    return OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0,
+        max_lr=optim.lr,
+        min_lr=optim.min_lr,
+        lr_warmup_steps=optim.warmup_steps,
+        lr_decay_steps=decay,
+        lr_decay_style=_STYLE[optim.schedule],
+        start_wd=optim.weight_decay,
+        end_wd=optim.weight_decay,
+        wd_incr_steps=decay,
+        wd_incr_style="constant",
+        wsd_decay_steps=wsd if optim.schedule == "wsd" else None,
+        lr_wsd_decay_style=optim.wsd_decay_style if optim.schedule == "wsd" else None,
+    )
+
+
+def guarded_step(optimizer: MegatronOptimizer) -> tuple[bool, float]:
+    """Step only if the gradient norm is finite; returns (stepped, grad norm).
+
+    The norm is measured before megatron's step (which would clip with a NaN coefficient and
+    write NaN into the weights); it is reduced over all model-parallel ranks, so every rank takes
+    the same decision. Costs one extra gradient-norm pass per step.
+    """
+    optimizer.prepare_grads()
+    norm = float(optimizer.get_grad_norm())
+    if not math.isfinite(norm):
+        return False, norm
+    stepped, step_norm, _ = optimizer.step()
+    return bool(stepped), float(step_norm if step_norm is not None else norm)

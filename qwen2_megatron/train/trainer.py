@@ -1,0 +1,248 @@
+"""The training loop. The constructor builds, in order: runtime -> model -> DDP -> optimizer ->
+schedule -> data -> metrics and W&B; `train()` then runs steps until train.steps.
+
+A step takes global_batch_size sequences as num_microbatches micro-batches per data-parallel
+rank through megatron-core's pipeline schedule (gradient accumulation across micro-batches,
+reduce over data parallel in megatron's DDP), then one guarded optimizer step.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from omegaconf import OmegaConf
+
+from qwen2_megatron.checkpoint.model_checkpoint import load_model
+from qwen2_megatron.data.loader import build_data_loader
+from qwen2_megatron.data.tokenizer import QwenTokenizer
+from qwen2_megatron.model.builder import build_model
+from qwen2_megatron.model.forward import forward_backward
+from qwen2_megatron.model.params import training_flops_per_token
+from qwen2_megatron.model.rope import set_rope_base
+from qwen2_megatron.model.spec import use_transformer_engine
+from qwen2_megatron.parallel.ddp import wrap_ddp
+from qwen2_megatron.parallel.runtime import init_runtime, process_env
+from qwen2_megatron.train.config import StageConfig, TrainerConfig, num_microbatches, validate
+from qwen2_megatron.train.metrics import MetricsLog, device_peak_tflops
+from qwen2_megatron.train.moe_stats import ExpertLoad, aux_loss
+from qwen2_megatron.train.optimizer import build_optimizer, build_scheduler, guarded_step
+from qwen2_megatron.train.wandb_run import WandbRun
+
+
+class NonFiniteError(RuntimeError):
+    """The loss or gradient norm was not finite and the run is configured (or forced) to stop."""
+
+
+_RECOMPUTE: dict[str, dict[str, Any]] = {
+    "none": {},
+    "selective": {"recompute_granularity": "selective", "recompute_modules": ["core_attn"]},
+    "full": {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1},
+}
+
+
+class Trainer:
+    def __init__(self, cfg: TrainerConfig) -> None:
+        self.cfg = cfg
+        validate(cfg, process_env()[1], use_transformer_engine())
+        self.runtime = init_runtime(cfg.parallel, seed=cfg.train.seed)
+        layout = self.runtime.layout
+        self.run_dir = Path(cfg.run.dir)
+        self.logging_rank = self.runtime.is_main
+        if self.logging_rank:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+        dist.barrier()
+
+        fp8 = {"fp8": "hybrid"} if cfg.train.precision == "fp8" else {}
+        chunks = build_model(cfg.model, layout, _param_precision(cfg), **_RECOMPUTE[cfg.train.recompute], **fp8)
+        if cfg.train.init_from:
+            load_model(chunks, cfg.train.init_from, cfg.model)
+        self.model = wrap_ddp(chunks, use_distributed_optimizer=cfg.optim.distributed_optimizer)
+        self.optimizer = build_optimizer(cfg.optim, cfg.train.precision, self.model)
+        self.scheduler = build_scheduler(cfg.optim, cfg.train, self.optimizer)
+
+        self.tokenizer = QwenTokenizer(cfg.data.tokenizer)
+        self.dp_rank = parallel_state.get_data_parallel_rank()
+        self.seq_length = cfg.train.seq_length
+        self.loader = self._loader(cfg.data, self.seq_length)
+        self.eval_loader = None  # built on first evaluation
+
+        self.step = 0
+        self.last_grad_norm = float("nan")
+        self.consumed_tokens = 0
+        self.skipped_steps = 0
+        self.consecutive_skips = 0
+        self.expert_load = ExpertLoad(chunks, cfg.model) if cfg.model.is_moe else None
+        self.metrics = MetricsLog(
+            self.run_dir, cfg.train.steps, self.runtime.world_size,
+            training_flops_per_token(cfg.model, self.seq_length),
+            device_peak_tflops(cfg.log.peak_tflops), self.logging_rank, cfg.log.progress_bar,
+        )
+        self.wandb = (
+            WandbRun(cfg.log.wandb, self.run_dir, cfg.run.name, _plain(cfg)) if self.logging_rank else None
+        )
+
+    # ----- data ---------------------------------------------------------------------------------
+
+    def _loader(self, mixture: Any, seq_length: int) -> Any:
+        return build_data_loader(
+            mixture, self.tokenizer, seq_length, self.cfg.train.micro_batch_size,
+            dp_rank=self.dp_rank, dp_size=self.runtime.layout.dp,
+            dp_group=parallel_state.get_data_parallel_group(),
+            model_vocab_size=self.cfg.model.vocab_size,
+        )
+
+    def _micro_batches(self, loader: Any) -> list[dict[str, torch.Tensor]]:
+        n = num_microbatches(self.cfg, self.runtime.layout.dp)
+        return [{k: v.to(self.runtime.device) for k, v in next(loader).items()} for _ in range(n)]
+
+    # ----- one step -----------------------------------------------------------------------------
+
+    def train_step(self) -> dict[str, Any]:
+        for chunk in self.model:
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        batches = self._micro_batches(self.loader)
+        losses = forward_backward(self.model, batches)
+        loss = self._global_mean([d["lm loss"] for d in losses])
+        stepped, grad_norm = guarded_step(self.optimizer)
+        self.last_grad_norm = grad_norm
+        finite = stepped and math.isfinite(loss)
+        if finite:
+            self.scheduler.step(increment=1)
+            self.consecutive_skips = 0
+        else:
+            self._handle_nonfinite(loss, grad_norm)
+        self.step += 1
+        self.consumed_tokens += self.cfg.train.global_batch_size * self.seq_length
+        return {"loss": loss, "grad_norm": grad_norm, "stepped": finite}
+
+    def _handle_nonfinite(self, loss: float, grad_norm: float) -> None:
+        what = f"step {self.step + 1}: loss {loss}, grad norm {grad_norm}"
+        if self.cfg.train.on_nonfinite == "stop":
+            raise NonFiniteError(f"non-finite {what}; the update was not applied (train.on_nonfinite=stop)")
+        self.skipped_steps += 1
+        self.consecutive_skips += 1
+        if self.logging_rank:
+            print(f"warning: skipped the update of {what}", flush=True)
+        if self.consecutive_skips >= self.cfg.train.max_consecutive_skips:
+            raise NonFiniteError(
+                f"{self.consecutive_skips} consecutive non-finite steps (last: {what}); stopping. Lower "
+                "optim.lr, check the data, or raise train.max_consecutive_skips"
+            )
+
+    def _global_mean(self, values: list[torch.Tensor]) -> float:
+        """Mean over micro-batches and data-parallel replicas, known on every rank.
+
+        Losses exist on the last pipeline stage only (on each of its TP ranks); the other ranks
+        contribute zeros and are not counted.
+        """
+        total = torch.tensor(
+            [sum(float(v) for v in values), float(len(values))], dtype=torch.float64, device=self.runtime.device
+        )
+        dist.all_reduce(total)
+        return (total[0] / total[1]).item()
+
+    # ----- the loop -----------------------------------------------------------------------------
+
+    def train(self) -> list[dict[str, Any]]:
+        """Run to train.steps; returns the per-step losses (for tests and the caller's summary)."""
+        history = []
+        try:
+            while self.step < self.cfg.train.steps:
+                self._apply_stage()
+                start = time.perf_counter()
+                result = self.train_step()
+                seconds = time.perf_counter() - start
+                history.append(result)
+                self.metrics.step_done(result["loss"], self.cfg.train.global_batch_size * self.seq_length, seconds)
+                if self.step % self.cfg.log.interval == 0 or self.step == self.cfg.train.steps:
+                    self._log()
+                if self.cfg.train.eval_interval and self.step % self.cfg.train.eval_interval == 0:
+                    self._log_eval()
+        finally:
+            self.close()
+        return history
+
+    def _apply_stage(self) -> None:
+        stage = next((s for s in self.cfg.train.stages if s.start_step == self.step), None)
+        if stage is not None:
+            self._enter_stage(stage)
+
+    def _enter_stage(self, stage: StageConfig) -> None:
+        """Switch sequence length (continuing the same document stream) and RoPE base."""
+        if stage.seq_length != self.seq_length:
+            state = self.loader.state_dict()
+            self.loader.close()
+            self.seq_length = stage.seq_length
+            self.loader = self._loader(self.cfg.data, self.seq_length)
+            self.loader.load_state_dict(state, seq_length_changed=True)
+            self.metrics.flops_per_token = training_flops_per_token(self.cfg.model, self.seq_length)
+        if stage.rope_theta is not None:
+            set_rope_base([c.module for c in self.model], stage.rope_theta)
+        if self.logging_rank:
+            print(f"stage at step {self.step}: seq_length {self.seq_length}, rope base "
+                  f"{stage.rope_theta or 'unchanged'}", flush=True)
+
+    def _log(self) -> None:
+        extra: dict[str, Any] = {
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "grad_norm": self.last_grad_norm,
+            "consumed_tokens": self.consumed_tokens,
+            "skipped_steps": self.skipped_steps,
+            "seq_length": self.seq_length,
+        }
+        if self.expert_load is not None:
+            extra["moe_aux_loss"] = aux_loss(self.cfg.model, num_microbatches(self.cfg, self.runtime.layout.dp))
+            extra.update(self.expert_load.report())
+        record = self.metrics.emit(self.step, extra)
+        if self.wandb is not None:
+            self.wandb.log(record, self.step)
+
+    def _log_eval(self) -> None:
+        loss = self.evaluate()
+        if self.logging_rank:
+            record = {"step": self.step, "eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
+            with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as stream:
+                stream.write(json.dumps(record) + "\n")
+            print(f"eval at step {self.step}: loss {loss:.4f}, perplexity {record['eval_perplexity']:.2f}", flush=True)
+            if self.wandb is not None:
+                self.wandb.log(record, self.step)
+
+    def evaluate(self) -> float:
+        """Mean loss over train.eval_steps global batches of the held-out data."""
+        if self.eval_loader is None:
+            self.eval_loader = self._loader(self.cfg.data.heldout(), self.seq_length)
+        for chunk in self.model:
+            chunk.eval()
+        values: list[torch.Tensor] = []
+        for _ in range(self.cfg.train.eval_steps):
+            out = forward_backward(self.model, self._micro_batches(self.eval_loader), forward_only=True)
+            values += [d["lm loss"] for d in out]
+        for chunk in self.model:
+            chunk.train()
+        return self._global_mean(values)
+
+    def close(self) -> None:
+        self.metrics.close()
+        self.loader.close()
+        if self.eval_loader is not None:
+            self.eval_loader.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def _param_precision(cfg: TrainerConfig) -> str:
+    return "fp32" if cfg.train.precision == "fp32" else "bf16"
+
+
+def _plain(cfg: TrainerConfig) -> dict[str, Any]:
+    return asdict(cfg)

@@ -1,0 +1,144 @@
+"""The trainer: identical loss trajectories across layouts, gradient accumulation, non-finite
+handling and W&B offline records, on the real demo corpus and tokenizer (CPU, gloo)."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from qwen2_megatron.convert.convert import import_hf
+from qwen2_megatron.checkpoint.model_checkpoint import checkpoint_shape
+from qwen2_megatron.data.demo import demo_mixture
+from qwen2_megatron.parallel.layout import ParallelLayout
+from qwen2_megatron.parallel.local_launch import spawn
+from qwen2_megatron.train.config import LogConfig, OptimConfig, RunConfig, TrainConfig, TrainerConfig, WandbConfig
+from tests.conftest import save_random_hf
+from tests.trainer_workers import train_configs
+from tests.wandb_reader import read_run
+
+STEPS = 4
+TRAJECTORY_TOL = 2e-4
+_MODEL = dict(vocab_size=151936, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+              num_key_value_heads=2, initializer_range=0.02)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Random dense and MoE models (real Qwen2 vocabulary) as megatron checkpoints: every run
+    starts from the same weights whatever its layout."""
+    root = tmp_path_factory.mktemp("init")
+    out = {}
+    for name, moe in (("dense", False), ("moe", True)):
+        hf = save_random_hf(root / f"hf_{name}", moe, seed=5, **_MODEL)
+        out[name] = import_hf(hf, root / name, ParallelLayout())
+    return out
+
+
+def _cfg(root: Path, ckpt: Path, name: str, **changes) -> TrainerConfig:
+    shape = checkpoint_shape(ckpt)
+    train = TrainConfig(steps=STEPS, global_batch_size=4, micro_batch_size=2, seq_length=64,
+                        init_from=str(ckpt))
+    cfg = TrainerConfig(
+        model=shape, train=train, optim=OptimConfig(lr=1e-3, warmup_steps=1),
+        data=demo_mixture(num_workers=0), log=LogConfig(interval=1, progress_bar=False),
+        run=RunConfig(dir=str(root / name), name=name),
+    )
+    for key, value in changes.items():  # "section__field" changes one field, "section" all
+        section, _, field = key.partition("__")
+        setattr(cfg, section, replace(getattr(cfg, section), **{field: value}) if field else value)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def runs(checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+    root = tmp_path_factory.mktemp("runs")
+    dense, moe = checkpoints["dense"], checkpoints["moe"]
+    wandb = WandbConfig(mode="offline", project="tests", tags=["ci"])
+    one = {
+        "dp1": _cfg(root, dense, "dp1"),
+        "accumulate_mbs4": _cfg(root, dense, "mbs4", train__micro_batch_size=4),
+        "wandb_first": _cfg(root, dense, "wandb", log__wandb=wandb, train__steps=3),
+        "wandb_restart": _cfg(root, dense, "wandb", log__wandb=wandb, train__steps=2),
+        "nonfinite_skip": _cfg(root, dense, "skip", optim__lr=1e30, optim__clip_grad=0.0,
+                               train__steps=8, train__max_consecutive_skips=2),
+        "nonfinite_stop": _cfg(root, dense, "stop", optim__lr=1e30, optim__clip_grad=0.0,
+                               train__steps=8, train__on_nonfinite="stop"),
+    }
+    two = {
+        "dp2": _cfg(root, dense, "dp2"),
+        "tp2": _cfg(root, dense, "tp2", parallel=ParallelLayout(tp=2, sequence_parallel=True)),
+        "pp2": _cfg(root, dense, "pp2", parallel=ParallelLayout(pp=2)),
+        "moe_dp2": _cfg(root, moe, "moe_dp2"),
+        "moe_ep2": _cfg(root, moe, "moe_ep2", parallel=ParallelLayout(ep=2)),
+    }
+    results = dict(zip(one, spawn(train_configs, 1, list(one.values()))[0]))
+    results.update(zip(two, spawn(train_configs, 2, list(two.values()))[0]))
+    results["root"] = root
+    return results
+
+
+@pytest.mark.parametrize("layout", ["dp2", "tp2", "pp2"])
+def test_dense_trajectory_is_layout_independent(runs: dict, layout: str) -> None:
+    reference, losses = runs["dp1"], runs[layout]
+    assert isinstance(losses, list) and len(losses) == STEPS, losses
+    worst = max(abs(a - b) for a, b in zip(reference, losses))
+    print(f"{layout} vs dp1: max |loss diff| = {worst:.2e} over {STEPS} steps")
+    assert worst <= TRAJECTORY_TOL
+    assert losses[-1] < losses[0]
+
+
+def test_moe_trajectory_ep2_equals_ep1(runs: dict) -> None:
+    reference, losses = runs["moe_dp2"], runs["moe_ep2"]
+    assert isinstance(losses, list) and len(losses) == STEPS, losses
+    worst = max(abs(a - b) for a, b in zip(reference, losses))
+    print(f"moe ep2 vs ep1: max |loss diff| = {worst:.2e}")
+    assert worst <= TRAJECTORY_TOL
+
+
+def test_gradient_accumulation_equals_larger_micro_batch(runs: dict) -> None:
+    worst = max(abs(a - b) for a, b in zip(runs["dp1"], runs["accumulate_mbs4"]))
+    print(f"2 x mbs2 vs 1 x mbs4: max |loss diff| = {worst:.2e}")
+    assert worst <= TRAJECTORY_TOL
+
+
+def test_metrics_are_recorded_every_interval(runs: dict) -> None:
+    records = [json.loads(line) for line in (runs["root"] / "dp1" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, STEPS + 1))
+    for key in ("loss", "lr", "grad_norm", "tokens_per_s", "tokens_per_s_per_device", "tflops_per_device",
+                "step_time_s", "peak_memory_gib", "consumed_tokens", "skipped_steps"):
+        assert all(r[key] is not None for r in records), key
+    assert records[-1]["consumed_tokens"] == STEPS * 4 * 64
+    assert (runs["root"] / "dp1" / "config.yaml").read_text().count("hidden_size: 64") == 1
+    moe = [json.loads(line) for line in (runs["root"] / "moe_ep2" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["moe_aux_loss"] > 0 and r["moe_load_imbalance"] >= 1.0 for r in moe)
+
+
+def test_nonfinite_steps_are_skipped_then_the_run_stops(runs: dict) -> None:
+    message = runs["nonfinite_skip"]
+    assert isinstance(message, str) and "NonFiniteError: 2 consecutive non-finite steps" in message
+    records = [json.loads(line) for line in (runs["root"] / "skip" / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["skipped_steps"] >= 1
+
+
+def test_nonfinite_stop_names_the_step(runs: dict) -> None:
+    message = runs["nonfinite_stop"]
+    assert isinstance(message, str) and "NonFiniteError: non-finite step" in message
+    assert "train.on_nonfinite=stop" in message
+
+
+def test_wandb_offline_run_is_continued_after_restart(runs: dict) -> None:
+    run_dir = runs["root"] / "wandb"
+    files = sorted(run_dir.glob("wandb/offline-run-*/run-*.wandb"))
+    assert len(files) == 2, files
+    first, second = (read_run(f) for f in files)
+    assert first["id"] == second["id"] == (run_dir / "wandb_run_id").read_text().strip()
+    assert first["config"]["model"]["hidden_size"] == 64
+    assert first["config"]["log"]["wandb"]["tags"] == ["ci"]
+    steps = [row["_step"] for row in first["history"]]
+    assert steps == [1, 2, 3]
+    assert all(math.isfinite(row["loss"]) and row["lr"] > 0 and "tokens_per_s" in row for row in first["history"])
+    assert [row["_step"] for row in second["history"]] == [1, 2]
