@@ -88,30 +88,70 @@ def _lane_documents(source, tok) -> list[str]:
 
 
 @pytest.mark.parametrize("name,lanes", [("english", 4), ("english", 3), ("code", 2), ("cjk", 4)])
-def test_each_document_once_per_epoch(corpus, tokenizer, name: str, lanes: int) -> None:
+def test_each_document_once_per_epoch_and_heldout_disjoint(corpus, tokenizer, name: str, lanes: int) -> None:
     root, texts = corpus
     config = corpus_mixture(root, num_lanes=lanes)
     index = [s.name for s in config.sources].index(name)
     source_config = config.sources[index]
     files = resolve_files(source_config)
-    seen: list[str] = []
-    for lane in range(lanes):
-        source = StreamedSource(source_config, index, files, tokenizer, lane, lanes, config.seed, True, 8)
-        seen += _lane_documents(source, tokenizer)
-        assert source.epoch == 1  # on_exhaustion="repeat": the next epoch began
-    assert Counter(seen) == Counter(unicodedata.normalize("NFC", t) for t in texts[name])  # the tokenizer normalises
+    splits: dict[bool, list[str]] = {}
+    for heldout, split_lanes in ((False, lanes), (True, 1)):
+        splits[heldout] = []
+        for lane in range(split_lanes):
+            source = StreamedSource(
+                source_config, index, files, tokenizer, lane, split_lanes, config.seed, True, 8, (heldout, 0.15)
+            )
+            splits[heldout] += _lane_documents(source, tokenizer)
+            assert source.epoch == 1  # on_exhaustion="repeat": the next epoch began
+    assert splits[True] and not set(splits[True]) & set(splits[False])
+    everything = Counter(unicodedata.normalize("NFC", t) for t in texts[name])  # the tokenizer normalises
+    assert Counter(splits[False]) + Counter(splits[True]) == everything
+
+
+def test_heldout_loader_and_sequence_length_change(corpus, tokenizer) -> None:
+    root, texts = corpus
+    config = corpus_mixture(root, num_lanes=1, heldout_fraction=0.15)
+    heldout_docs: set[str] = set()
+    for index, source_config in enumerate(config.sources):
+        source = StreamedSource(source_config, index, resolve_files(source_config), tokenizer, 0, 1,
+                                config.seed, False, 8, (True, 0.15))
+        heldout_docs |= set(_lane_documents(source, tokenizer))
+    evaluation = build_data_loader(config.heldout(), tokenizer, SEQ, 1)
+    stream = _stitched([_windows(next(evaluation))[0] for _ in range(40)])
+    assert _documents(stream, tokenizer) <= heldout_docs
+
+    # a sequence-length stage continues the same token stream with longer windows
+    short = build_data_loader(config, tokenizer, 32, 1)
+    reference = _stitched([_windows(next(short))[0] for _ in range(30)])
+    first = build_data_loader(config, tokenizer, 32, 1)
+    before = [_windows(next(first))[0] for _ in range(7)]
+    longer = build_data_loader(config, tokenizer, 64, 1)
+    longer.load_state_dict(first.state_dict(), seq_length_changed=True)
+    after = [_windows(next(longer))[0] for _ in range(8)]
+    assert all(len(w) == 65 for w in after)
+    assert _stitched(before + after) == reference[: 7 * 32 + 8 * 64 + 1]
+    with pytest.raises(DataConfigError, match="seq_length"):
+        build_data_loader(config, tokenizer, 64, 1).load_state_dict(first.state_dict())
+
+
+def _stitched(windows: list[list[int]]) -> list[int]:
+    """The token stream that consecutive windows (overlapping by one token) cut."""
+    assert all(a[-1] == b[0] for a, b in zip(windows, windows[1:]))
+    return windows[0] + [t for w in windows[1:] for t in w[1:]]
+
+
+def _documents(stream: list[int], tokenizer) -> set[str]:
+    """The documents that lie wholly inside a stream."""
+    ends = [i for i, t in enumerate(stream) if t == EOD_ID]
+    return {tokenizer.decode(stream[a + 1 : b]) for a, b in zip(ends, ends[1:])}
 
 
 def test_windows_are_the_packed_document_stream(corpus, tokenizer) -> None:
     root, texts = corpus
     loader = build_data_loader(corpus_mixture(root, num_lanes=1, shuffle=False), tokenizer, SEQ, 1)
-    windows = [_windows(next(loader))[0] for _ in range(60)]
-    assert all(a[-1] == b[0] for a, b in zip(windows, windows[1:]))  # overlap by one token
-    stream = windows[0] + [t for w in windows[1:] for t in w[1:]]
-    ends = [i for i, t in enumerate(stream) if t == EOD_ID]
-    first_docs = [tokenizer.decode(stream[a + 1 : b]) for a, b in zip(ends, ends[1:])]
-    everything = set(texts["english"]) | set(texts["code"]) | set(texts["cjk"])
-    assert first_docs and all(doc in everything for doc in first_docs)
+    documents = _documents(_stitched([_windows(next(loader))[0] for _ in range(60)]), tokenizer)
+    everything = {unicodedata.normalize("NFC", t) for docs in texts.values() for t in docs}
+    assert len(documents) > 3 and documents <= everything
 
 
 def test_realised_share_is_reported(corpus, tokenizer) -> None:

@@ -7,9 +7,11 @@ mixture fails in milliseconds with the field named.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+import zlib
+from dataclasses import dataclass, field, replace
 
 FORMATS = ("jsonl", "parquet", "text", "indexed")
+SPLITS = ("train", "heldout")
 ON_EXHAUSTION = ("repeat", "end")
 
 
@@ -71,6 +73,10 @@ class MixtureConfig:
     prefetch_samples: int = 64  # per worker
     worker_timeout_s: float = 600.0  # a worker silent this long (e.g. a stalled remote read) is an error
     tokenizer: str | None = None  # a tokenizer directory; None = the installed Qwen2 tokenizer
+    # Documents held out of training for evaluation, chosen by a stable hash of (file name, row) or,
+    # for indexed sources, (source name, document id): independent of lanes, seed and DP size.
+    heldout_fraction: float = 0.01
+    split: str = "train"  # train | heldout
 
     def validate(self) -> None:
         if not self.sources:
@@ -86,9 +92,26 @@ class MixtureConfig:
         for name in ("shuffle_block_docs", "num_lanes", "prefetch_samples"):
             if getattr(self, name) < 1:
                 raise DataConfigError(f"data.{name}={getattr(self, name)} must be >= 1")
+        if not 0.0 <= self.heldout_fraction < 1.0:
+            raise DataConfigError(f"data.heldout_fraction={self.heldout_fraction} must be in [0, 1)")
+        if self.split not in SPLITS:
+            raise DataConfigError(f"data.split={self.split!r}; choose one of {SPLITS}")
+        if self.split == "heldout" and self.heldout_fraction == 0:
+            raise DataConfigError("the held-out split is empty with data.heldout_fraction=0; raise it (e.g. 0.01)")
         if self.num_workers < 0:
             raise DataConfigError(f"data.num_workers={self.num_workers} must be >= 0")
+
+    def heldout(self) -> "MixtureConfig":
+        """The evaluation mixture: the held-out documents of the same sources, one lane, in file
+        order, repeating (an evaluation loop may outlast a small held-out set)."""
+        sources = [replace(s, on_exhaustion="repeat") for s in self.sources]
+        return replace(self, sources=sources, split="heldout", num_lanes=1, shuffle=False, num_workers=0)
 
     def weights(self) -> list[float]:
         total = sum(s.weight for s in self.sources)
         return [s.weight / total for s in self.sources]
+
+
+def is_heldout(key: str, fraction: float) -> bool:
+    """Whether the document named `key` belongs to the held-out split (stable across runs)."""
+    return zlib.crc32(key.encode()) < fraction * 2**32

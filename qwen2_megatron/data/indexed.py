@@ -16,7 +16,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from qwen2_megatron.data.config import SourceConfig
+from qwen2_megatron.data.config import SourceConfig, is_heldout
 from qwen2_megatron.data.sources import DataSourceError
 
 
@@ -56,9 +56,19 @@ def open_indexed(prefix: str, tokenizer_fingerprint: str | None = None):
 
 
 @lru_cache(maxsize=8)
-def _epoch_order(seed: int, index: int, epoch: int, lo: int, hi: int, shuffle: bool) -> np.ndarray:
-    """Document ids of one epoch, shared by all lanes of a process (int32 when it fits)."""
+def _split_ids(name: str, lo: int, hi: int, heldout: tuple[bool, float]) -> np.ndarray:
+    """Document ids of [lo, hi) in this split (int32 when it fits)."""
     ids = np.arange(lo, hi, dtype=np.int64 if hi >= 2**31 else np.int32)
+    want, fraction = heldout
+    if not fraction:
+        return ids
+    return ids[np.fromiter((is_heldout(f"{name}:{j}", fraction) == want for j in ids), dtype=bool, count=len(ids))]
+
+
+@lru_cache(maxsize=8)
+def _epoch_order(ids_key: tuple, seed: int, index: int, epoch: int, shuffle: bool) -> np.ndarray:
+    """Document ids of one epoch, shared by all lanes of a process."""
+    ids = _split_ids(*ids_key)
     return np.random.default_rng([seed, index, epoch]).permutation(ids) if shuffle else ids
 
 
@@ -67,19 +77,23 @@ class IndexedSource:
 
     def __init__(
         self, source: SourceConfig, index: int, tokenizer_fingerprint: str,
-        lane: int, num_lanes: int, seed: int, shuffle: bool,
+        lane: int, num_lanes: int, seed: int, shuffle: bool, heldout: tuple[bool, float],
     ) -> None:
         self.source, self.index, self.lane, self.num_lanes = source, index, lane, num_lanes
         self.seed, self.shuffle, self.ended = seed, shuffle, False
         self.datasets = [open_indexed(p, tokenizer_fingerprint) for p in source.paths]
         self.offsets = np.cumsum([0] + [len(d.document_indices) - 1 for d in self.datasets])
         total = int(self.offsets[-1])
-        self.lo, self.hi = int(source.doc_range[0] * total), int(source.doc_range[1] * total)
-        if self.hi - self.lo < num_lanes:
+        lo, hi = int(source.doc_range[0] * total), int(source.doc_range[1] * total)
+        self.ids_key = (source.name, lo, hi, heldout)
+        selected = len(_split_ids(*self.ids_key))
+        if selected == 0 and heldout[0]:  # a source may hold out no document
+            self.ended = True
+        elif selected < num_lanes:
             raise DataSourceError(
                 f"data source {source.name!r}: doc_range {source.doc_range} of {total} documents "
-                f"selects {self.hi - self.lo}, fewer than data.num_lanes={num_lanes} (a split with "
-                f"no documents for some lanes); widen doc_range, add data or lower data.num_lanes"
+                f"selects {selected} for this split, fewer than data.num_lanes={num_lanes} (a split "
+                f"with no documents for some lanes); widen doc_range, add data or lower data.num_lanes"
             )
         self.load_cursor({"epoch": 0, "pos": 0, "empty": 0})
 
@@ -98,7 +112,7 @@ class IndexedSource:
 
     def next_doc(self) -> np.ndarray | None:
         while not self.ended:
-            lane_docs = _epoch_order(self.seed, self.index, self.epoch, self.lo, self.hi, self.shuffle)[self.lane :: self.num_lanes]
+            lane_docs = _epoch_order(self.ids_key, self.seed, self.index, self.epoch, self.shuffle)[self.lane :: self.num_lanes]
             if self.pos == len(lane_docs):
                 if self.empty >= len(lane_docs) * (self.epoch + 1):
                     raise DataSourceError(f"data source {self.source.name!r}: every selected document is empty")

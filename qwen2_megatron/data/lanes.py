@@ -26,7 +26,8 @@ def build_lane(
 ) -> Lane:
     sources: list[DocumentSource] = []
     for index, source in enumerate(config.sources):
-        common = dict(lane=lane, num_lanes=config.num_lanes, seed=config.seed, shuffle=config.shuffle)
+        common = dict(lane=lane, num_lanes=config.num_lanes, seed=config.seed, shuffle=config.shuffle,
+                      heldout=(config.split == "heldout", config.heldout_fraction))
         if source.format == "indexed":
             sources.append(IndexedSource(source, index, tokenizer.fingerprint, **common))
         else:

@@ -37,7 +37,7 @@ from torch import Tensor
 from qwen2_megatron.data.batch import collate
 from qwen2_megatron.data.config import DataConfigError, MixtureConfig
 from qwen2_megatron.data.lanes import LaneItem, run_lanes, worker_main
-from qwen2_megatron.data.sources import resolve_files
+from qwen2_megatron.data.sources import DataSourceError, resolve_files
 from qwen2_megatron.data.tokenizer import QwenTokenizer
 
 STATE_VERSION = 1
@@ -55,7 +55,8 @@ def _config_key(config: MixtureConfig, seq_length: int) -> dict[str, Any]:
         for s in config.sources
     ]
     return {"num_lanes": config.num_lanes, "seq_length": seq_length, "seed": config.seed,
-            "shuffle": config.shuffle, "shuffle_block_docs": config.shuffle_block_docs, "sources": sources}
+            "shuffle": config.shuffle, "shuffle_block_docs": config.shuffle_block_docs, "sources": sources,
+            "heldout_fraction": config.heldout_fraction, "split": config.split}
 
 
 class MixtureDataLoader:
@@ -146,6 +147,11 @@ class MixtureDataLoader:
         pending: dict[int, dict] = {}
         for _ in range(self.micro_batch_size):
             lane, window, state = next(self._stream)
+            if window is None and self.config.split == "heldout":
+                raise DataSourceError(
+                    f"the held-out split has no documents (data.heldout_fraction="
+                    f"{self.config.heldout_fraction}); raise data.heldout_fraction"
+                )
             if window is None:
                 raise DataExhausted(f"lane {lane}: every data source has ended")
             windows.append(window)
@@ -171,11 +177,15 @@ class MixtureDataLoader:
         dist.all_gather_object(parts, local, group=self.dp_group)
         return merge_states(parts)
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any], seq_length_changed: bool = False) -> None:
+        """Continue from `state`. seq_length_changed=True accepts a state saved at another sequence
+        length (a sequence-length stage): the lanes' document streams continue where they were,
+        cut into windows of the new length."""
         if state.get("version") != STATE_VERSION:
             raise DataConfigError(f"data state version {state.get('version')} is not {STATE_VERSION}")
-        if state["config"] != self._key:
-            changed = sorted(k for k in self._key if state["config"].get(k) != self._key[k])
+        ignored = {"seq_length"} if seq_length_changed else set()
+        changed = sorted(k for k in self._key if k not in ignored and state["config"].get(k) != self._key[k])
+        if changed:
             raise DataConfigError(
                 f"the data state was saved with a different mixture ({changed} changed): resuming would "
                 f"not continue the same sample sequence; restore those settings or start the data afresh"

@@ -25,7 +25,7 @@ from typing import Any
 import fsspec
 import numpy as np
 
-from qwen2_megatron.data.config import SourceConfig
+from qwen2_megatron.data.config import SourceConfig, is_heldout
 from qwen2_megatron.data.tokenizer import QwenTokenizer
 
 _BUILDERS = {"jsonl": ("json", {}), "parquet": ("parquet", {}), "text": ("text", {"sample_by": "document"})}
@@ -121,9 +121,10 @@ class StreamedSource:
 
     def __init__(
         self, source: SourceConfig, index: int, files: list[str], tokenizer: QwenTokenizer,
-        lane: int, num_lanes: int, seed: int, shuffle: bool, block_docs: int,
+        lane: int, num_lanes: int, seed: int, shuffle: bool, block_docs: int, heldout: tuple[bool, float],
     ) -> None:
         self.source, self.index, self.files, self.tokenizer = source, index, files, tokenizer
+        self.heldout = heldout  # (this is the held-out split, the held-out fraction)
         self.lane, self.num_lanes, self.seed, self.shuffle, self.block_docs = lane, num_lanes, seed, shuffle, block_docs
         self.ended = False
         self.load_cursor({"epoch": 0, "file": 0, "row": 0, "k": 0, "skip": 0, "empty": 0})
@@ -149,11 +150,15 @@ class StreamedSource:
         return files, self.num_lanes, self.lane
 
     def _lane_rows(self) -> Iterator[tuple[int, int, int, str | None]]:
-        """(file, row, lane-row index k, text) of this lane's rows from the block start on."""
+        """(file, row, lane-row index k, text) of this lane's rows of its split from the block start on."""
         files, stride, phase = self._lane_files()
         file, row, k = self.start
+        want_heldout, fraction = self.heldout
         for f in range(file, len(files)):
+            name = os.path.basename(files[f])
             for r, text in enumerate(read_rows(self.source, files[f], row if f == file else 0), row if f == file else 0):
+                if fraction and is_heldout(f"{name}:{r}", fraction) != want_heldout:
+                    continue
                 if k % stride == phase:
                     yield f, r, k, text
                 k += 1
@@ -177,6 +182,9 @@ class StreamedSource:
         return True
 
     def _next_epoch(self) -> None:
+        if not self._epoch_has_docs and self.heldout[0]:  # a source may hold out no document
+            self.ended = True
+            return
         if not self._epoch_has_docs:
             raise DataSourceError(
                 f"data source {self.source.name!r} has no non-empty documents for lane {self.lane} of "
