@@ -87,7 +87,8 @@ def _lane_documents(source, tok) -> list[str]:
     return docs[:-1] if source.epoch else docs  # the last one drawn belongs to epoch 1
 
 
-@pytest.mark.parametrize("name,lanes", [("english", 4), ("english", 3), ("code", 2), ("cjk", 4)])
+# english has 4 files, code 2, cjk 10: whole files per lane (evenly or not), or rows dealt out
+@pytest.mark.parametrize("name,lanes", [("english", 4), ("english", 3), ("english", 8), ("code", 2), ("cjk", 4)])
 def test_each_document_once_per_epoch_and_heldout_disjoint(corpus, tokenizer, name: str, lanes: int) -> None:
     root, texts = corpus
     config = corpus_mixture(root, num_lanes=lanes)

@@ -10,10 +10,11 @@ A cursor is therefore a handful of integers (epoch, file, row and lane-document 
 block start, documents consumed from the block, empty documents skipped); resuming re-reads and
 re-tokenises one block. Files are opened one at a time so every error names its file.
 
-Lanes: a source's documents are dealt to `num_lanes` lanes. When the file count is a multiple of
-the lane count each lane reads whole files (no wasted reads); otherwise every lane reads all rows
-and keeps every num_lanes-th (reading is cheap, tokenising is not: each document is tokenised by
-exactly one lane).
+Lanes: a source's documents are dealt to `num_lanes` lanes. With at least as many files as lanes
+each lane reads whole files (files l, l + L, ... of the epoch's order: no wasted reads, lanes
+differ by at most one file); with fewer files every lane reads all rows and keeps every L-th
+(reading is cheap, tokenising is not: each document is still tokenised by exactly one lane, but a
+process running n lanes reads such a source n times, so shard large sources into >= L files).
 """
 
 from __future__ import annotations
@@ -145,7 +146,7 @@ class StreamedSource:
         """(files this lane reads in this epoch, keep every `stride`-th row, starting at `phase`)."""
         order = _permutation(len(self.files), self.shuffle, self.seed, self.index, self.epoch)
         files = [self.files[i] for i in order]
-        if len(files) % self.num_lanes == 0:
+        if len(files) >= self.num_lanes:
             return files[self.lane :: self.num_lanes], 1, 0
         return files, self.num_lanes, self.lane
 
