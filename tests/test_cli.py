@@ -18,6 +18,7 @@ BIN = Path(sys.executable).parent
         ("qwen2-train", ["qwen2-train: pre-train", "experiment: qwen2_0.5b", "model: qwen2_0.5b", "hidden_size: 128"]),
         ("qwen2-convert", ["import", "export", "verify", "temporary directory"]),
         ("qwen2-model-info", ["--model", "optimizer", "--world-size"]),
+        ("qwen2-plot-run", ["run_dir", "PNG"]),
     ],
 )
 def test_help(script: str, words: list[str]) -> None:
@@ -56,6 +57,15 @@ def test_main_job_trains_on_the_demo_corpus(tmp_path: Path) -> None:
     assert last < first - 2.0, run.stdout[-2000:]
     assert (tmp_path / "config.yaml").is_file()
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 4
+    plotted = subprocess.run([BIN / "qwen2-plot-run", tmp_path], capture_output=True, text=True, check=True)
+    assert "curves.png" in plotted.stdout
+    png = (tmp_path / "curves.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 10_000
+
+
+def test_plot_run_names_a_missing_log(tmp_path: Path) -> None:
+    run = subprocess.run([BIN / "qwen2-plot-run", tmp_path], capture_output=True, text=True)
+    assert run.returncode == 2 and "metrics.jsonl not found" in run.stderr
 
 
 @pytest.mark.parametrize(

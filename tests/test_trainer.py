@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from qwen2_megatron.convert.convert import import_hf
+from qwen2_megatron.checkpoint.manager import CheckpointConfig
 from qwen2_megatron.checkpoint.model_checkpoint import checkpoint_shape
 from qwen2_megatron.data.demo import demo_mixture
 from qwen2_megatron.parallel.layout import ParallelLayout
@@ -46,6 +47,7 @@ def _cfg(root: Path, ckpt: Path, name: str, **changes) -> TrainerConfig:
         model=shape, train=train, optim=OptimConfig(lr=1e-3, warmup_steps=1),
         data=demo_mixture(num_workers=0), log=LogConfig(interval=1, progress_bar=False),
         run=RunConfig(dir=str(root / name), name=name),
+        checkpoint=CheckpointConfig(dir=str(root / name / "checkpoints"), interval=0, save_at_end=False),
     )
     for key, value in changes.items():  # "section__field" changes one field, "section" all
         section, _, field = key.partition("__")
@@ -61,8 +63,8 @@ def runs(checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFactory)
     one = {
         "dp1": _cfg(root, dense, "dp1"),
         "accumulate_mbs4": _cfg(root, dense, "mbs4", train__micro_batch_size=4),
-        "wandb_first": _cfg(root, dense, "wandb", log__wandb=wandb, train__steps=3),
-        "wandb_restart": _cfg(root, dense, "wandb", log__wandb=wandb, train__steps=2),
+        "wandb_first": _cfg(root, dense, "wandb", log__wandb=wandb, train__steps=3, checkpoint__save_at_end=True),
+        "wandb_restart": _cfg(root, dense, "wandb", log__wandb=wandb, train__steps=5),
         "nonfinite_skip": _cfg(root, dense, "skip", optim__lr=1e30, optim__clip_grad=0.0,
                                train__steps=8, train__max_consecutive_skips=2),
         "nonfinite_stop": _cfg(root, dense, "stop", optim__lr=1e30, optim__clip_grad=0.0,
@@ -141,4 +143,4 @@ def test_wandb_offline_run_is_continued_after_restart(runs: dict) -> None:
     steps = [row["_step"] for row in first["history"]]
     assert steps == [1, 2, 3]
     assert all(math.isfinite(row["loss"]) and row["lr"] > 0 and "tokens_per_s" in row for row in first["history"])
-    assert [row["_step"] for row in second["history"]] == [1, 2]
+    assert [row["_step"] for row in second["history"]] == [4, 5]  # resumed from the step-3 checkpoint

@@ -29,10 +29,10 @@ class CheckpointMismatchError(ValueError):
     """The checkpoint holds another model than the one being loaded, or is not a checkpoint."""
 
 
-def _sharded(chunks: list[torch.nn.Module]) -> dict[str, Any]:
-    if len(chunks) == 1:
-        return {"model": chunks[0].sharded_state_dict()}
-    return {f"model{i}": chunk.sharded_state_dict() for i, chunk in enumerate(chunks)}
+def sharded_model_state(chunks: list[torch.nn.Module]) -> dict[str, Any]:
+    """megatron sharded state of the model chunks (GPTModels, not their DDP wrappers)."""
+    keys = sharded_model_state_keys(len(chunks))
+    return {key: chunk.sharded_state_dict() for key, chunk in zip(keys, chunks)}
 
 
 def save_model(
@@ -47,17 +47,21 @@ def save_model(
     if dist.get_rank() == 0:
         path.mkdir(parents=True, exist_ok=True)
     dist.barrier()
-    dist_checkpointing.save(_sharded(chunks), str(path))
+    dist_checkpointing.save(sharded_model_state(chunks), str(path))
     if dist.get_rank() == 0:
-        info = {
-            "format_version": FORMAT_VERSION,
-            "model": shape.to_dict(),
-            "layout": asdict(layout),
-            "precision": precision,
-            "versions": {p: version(p) for p in ("qwen2-megatron", "megatron-core", "torch")},
-        }
-        (path / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
+        write_info(path, shape, layout, precision)
     dist.barrier()
+
+
+def write_info(path: Path, shape: Qwen2Shape, layout: ParallelLayout, precision: str) -> None:
+    info = {
+        "format_version": FORMAT_VERSION,
+        "model": shape.to_dict(),
+        "layout": asdict(layout),
+        "precision": precision,
+        "versions": {p: version(p) for p in ("qwen2-megatron", "megatron-core", "torch")},
+    }
+    (path / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
 
 
 def read_info(path: str | Path) -> dict[str, Any]:
@@ -80,19 +84,30 @@ def checkpoint_shape(path: str | Path) -> Qwen2Shape:
     return Qwen2Shape(**read_info(path)["model"])
 
 
-def load_model(chunks: list[torch.nn.Module], path: str | Path, shape: Qwen2Shape) -> None:
-    """Collective: load weights saved in any layout into this rank's chunks."""
+def check_shape(path: str | Path, shape: Qwen2Shape) -> None:
+    """Refuse a checkpoint of another model shape (or vocabulary), naming the differences."""
     saved = checkpoint_shape(path)
     if saved != shape:
         diff = {
             k: (v, getattr(shape, k)) for k, v in saved.to_dict().items() if getattr(shape, k) != v
         }
         raise CheckpointMismatchError(
-            f"{path} holds a different model: (checkpoint, requested) = {diff}"
+            f"{Path(path) / INFO_FILE}: the checkpoint holds a different model: "
+            f"(checkpoint, requested) = {diff}"
         )
-    state = dist_checkpointing.load(_sharded(chunks), str(path))
-    if len(chunks) == 1:
-        chunks[0].load_state_dict(state["model"])
-    else:
-        for i, chunk in enumerate(chunks):
-            chunk.load_state_dict(state[f"model{i}"])
+
+
+def restore_model_state(chunks: list[torch.nn.Module], state: dict[str, Any]) -> None:
+    for key, chunk in zip(sharded_model_state_keys(len(chunks)), chunks):
+        chunk.load_state_dict(state[key])
+
+
+def sharded_model_state_keys(num_chunks: int) -> list[str]:
+    return ["model"] if num_chunks == 1 else [f"model{i}" for i in range(num_chunks)]
+
+
+def load_model(chunks: list[torch.nn.Module], path: str | Path, shape: Qwen2Shape) -> None:
+    """Collective: load weights saved in any layout into this rank's chunks (also the weights
+    of a training checkpoint: its optimizer state is left unread)."""
+    check_shape(path, shape)
+    restore_model_state(chunks, dist_checkpointing.load(sharded_model_state(chunks), str(path)))

@@ -63,6 +63,10 @@ def transformer_config(
         tensor_model_parallel_size=layout.tp,
         pipeline_model_parallel_size=layout.pp,
         virtual_pipeline_model_parallel_size=layout.vpp if (layout.vpp or 1) > 1 else None,
+        # Interleaved schedule: batched p2p swaps activations between stages (Megatron-LM
+        # issues 750/1450); Megatron-LM itself overlaps unbatched p2p instead.
+        batch_p2p_comm=(layout.vpp or 1) <= 1,
+        overlap_p2p_comm=(layout.vpp or 1) > 1,
         context_parallel_size=layout.cp,
         expert_model_parallel_size=layout.ep,
         expert_tensor_parallel_size=layout.expert_tp,

@@ -21,13 +21,18 @@ CUDA assumptions covered, and why:
    (``CheckpointFunction``) saves/restores the "CUDA" state as the CPU state.
 3. ``torch.cuda.synchronize()`` in pipeline p2p and dist_checkpointing saves/loads:
    a no-op, CPU work is synchronous.
-4. Hard-coded ``device="cuda"`` tensors: the token counter in the pipeline schedules
-   (every schedule, PP=1 included) and the norm/zero-count buffers in grad clipping
-   (``clip_grads``); also the loss-scale/flag buffers of the mixed-precision
-   optimizer. They are built on CPU instead.
-5. ``torch.cuda.Stream``/``Event``/``current_stream``: DDP's grad sync waits on the
-   current stream, the MoE all-to-all dispatcher copies split sizes on a side stream
-   and waits on an event. CPU stand-ins whose operations are no-ops.
+4. Hard-coded ``device="cuda"`` tensors and ``.cuda()`` calls: the token counter in
+   the pipeline schedules (every schedule, PP=1 included); the norm/zero-count
+   buffers in grad clipping (``clip_grads``); the scale/flag buffers of the FP32,
+   mixed-precision and distributed optimizers; the default causal mask used when
+   ``attention_mask`` is None; the tied-embedding all-reduce with PP > 1;
+   ``tensor_parallel.broadcast_data``; the fully-parallel checkpoint load exchange;
+   the distributed optimizer's gather of its state for fully-reshardable checkpoints.
+   Inside those functions they are built on / kept on CPU.
+5. ``torch.cuda.Stream``/``current_stream`` (and the event a stream records): DDP's
+   grad sync waits on the current stream; the MoE all-to-all dispatcher creates a
+   side stream, copies split sizes on it and synchronizes on its event. CPU
+   stand-ins whose operations are no-ops.
 6. MoE all-to-all split sizes left as tensors: the dispatcher turns them into numpy
    arrays only when they live on a GPU, and gloo's ``all_to_all_single`` needs
    sequences of ints. CPU tensors are converted the same way.
@@ -43,7 +48,6 @@ import functools
 import types
 from typing import Any, Callable, Iterator, Optional, TypeVar
 
-import numpy as np
 import torch
 from torch.overrides import TorchFunctionMode
 
@@ -74,10 +78,10 @@ def enable() -> bool:
 
 
 class _SyncStream:
-    """Stands for a ``torch.cuda.Stream``/``Event``: CPU work is synchronous."""
+    """Stands for a ``torch.cuda.Stream`` and the events it records: CPU work is
+    synchronous, so waiting, recording and synchronizing are no-ops."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self.device = _CPU
+    def __init__(self, *args: Any, **kwargs: Any) -> None: ...
 
     def wait_stream(self, stream: Any) -> None: ...
 
@@ -86,14 +90,7 @@ class _SyncStream:
     def record_event(self, event: Any = None) -> _SyncStream:
         return self
 
-    def record(self, stream: Any = None) -> None: ...
-
-    def wait(self, stream: Any = None) -> None: ...
-
     def synchronize(self) -> None: ...
-
-    def query(self) -> bool:
-        return True
 
 
 def _current_device() -> torch.device:
@@ -208,12 +205,8 @@ def _under_cuda_as_cpu(fn: _F) -> _F:
 
 
 def _wrap(owner: Any, name: str) -> None:
-    """Run ``owner.name`` under ``_CudaAsCpu`` (keeps static/class-method binding)."""
-    attr = owner.__dict__[name] if isinstance(owner, type) else getattr(owner, name)
-    if isinstance(attr, (staticmethod, classmethod)):
-        setattr(owner, name, type(attr)(_under_cuda_as_cpu(attr.__func__)))
-    else:
-        setattr(owner, name, _under_cuda_as_cpu(attr))
+    """Run the function or method ``owner.name`` under ``_CudaAsCpu``."""
+    setattr(owner, name, _under_cuda_as_cpu(getattr(owner, name)))
 
 
 class _TorchWithCpuZeros(types.ModuleType):
@@ -241,24 +234,25 @@ def _patch_cuda_literals() -> None:
     # schedules: total_num_tokens = torch.zeros([], device="cuda") in every schedule
     schedules.torch = _TorchWithCpuZeros("torch")
     # clip_grads: device='cuda' buffers, param.grad.type() == 'torch.cuda.FloatTensor';
-    # optimizer.py imports the three functions by name
+    # megatron.core.optimizer.optimizer imports the three functions by name
     for name in ("get_grad_norm_fp32", "clip_grad_by_total_norm_fp32", "count_zeros_fp32"):
-        wrapped = _under_cuda_as_cpu(getattr(clip_grads, name))
-        setattr(clip_grads, name, wrapped)
-        setattr(optimizer, name, wrapped)
+        _wrap(clip_grads, name)
+        _wrap(optimizer, name)
     for owner, name in (
         # default causal / sliding-window masks (attention_mask=None): device="cuda"
         (fused_softmax, "get_default_causal_mask"),
         (fused_softmax, "get_sliding_window_causal_mask"),
         # tied embeddings with PP > 1: weight.data.cuda() before the embedding all-reduce
         (LanguageModule, "setup_embeddings_and_output_layer"),
-        # FP32Optimizer._scale, MixedPrecisionOptimizer found_inf/_scale_one: device='cuda'
+        # FP32Optimizer._scale and the grad-norm-group flag: device='cuda'
         (optimizer.FP32Optimizer, "__init__"),
-        (optimizer.MixedPrecisionOptimizer, "__init__"),
         (optimizer.MegatronOptimizer, "has_grad_norm_group"),
-        # param.type() in ['torch.cuda.HalfTensor', ...] / == 'torch.cuda.FloatTensor'
+        # the two MixedPrecisionOptimizer subclasses: its found_inf/_scale_one on
+        # device='cuda'; their param.type() in ['torch.cuda.HalfTensor', ...] checks
         (optimizer.Float16OptimizerWithFloat16Params, "__init__"),
         (distrib_optimizer.DistributedOptimizer, "__init__"),
+        # distributed-optimizer checkpoints (fully_reshardable, dp_zero): send_tensor.cuda()
+        (distrib_optimizer.DistributedOptimizer, "get_parameter_state_dp_zero"),
         # broadcast_data (TP batch broadcast): device='cuda' sizes, data[key].cuda()
         (data, "broadcast_data"),
         (tensor_parallel, "broadcast_data"),

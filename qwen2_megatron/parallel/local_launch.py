@@ -10,7 +10,9 @@ from __future__ import annotations
 import os
 import pickle
 import queue
+import signal
 import socket
+import threading
 import time
 import traceback
 from typing import Any, Callable
@@ -39,6 +41,7 @@ def spawn(fn: Callable[..., Any], nprocs: int, *args: Any, timeout_s: float = 18
     ]
     for proc in procs:
         proc.start()
+    forwarded = _forward_signals(procs)
     collected: dict[int, Any] = {}
     error = ""
     deadline = time.monotonic() + timeout_s
@@ -61,9 +64,24 @@ def spawn(fn: Callable[..., Any], nprocs: int, *args: Any, timeout_s: float = 18
         if proc.is_alive():
             proc.kill()
             proc.join()
+    for sig, handler in forwarded.items():
+        signal.signal(sig, handler)
     if error:
         raise WorkerError(error)
     return [collected[rank] for rank in range(nprocs)]
+
+
+def _forward_signals(procs: list[Any]) -> dict[int, Any]:
+    """Pass SIGUSR1/SIGTERM (preemption, graceful stop) on to the ranks; returns old handlers."""
+
+    def forward(signum: int, _frame: Any) -> None:
+        for proc in procs:
+            if proc.is_alive():
+                os.kill(proc.pid, signum)
+
+    if threading.current_thread() is not threading.main_thread():
+        return {}  # handlers can only be installed from the main thread
+    return {sig: signal.signal(sig, forward) for sig in (signal.SIGUSR1, signal.SIGTERM)}
 
 
 def _entry(fn: Callable[..., Any], rank: int, world: int, port: int, results: Any, args: tuple) -> None:

@@ -13,7 +13,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from qwen2_megatron.checkpoint.manager import CheckpointConfig
 from qwen2_megatron.data.config import MixtureConfig
+from qwen2_megatron.launch.config import LauncherConfig
 from qwen2_megatron.model.shape import Qwen2Shape
 from qwen2_megatron.parallel.layout import ParallelLayout
 
@@ -99,13 +101,6 @@ class RunConfig:
 
 
 @dataclass
-class LauncherConfig:
-    """How `qwen2-train` starts its processes when not already under torchrun."""
-
-    nproc: int = 2  # local processes (gloo on CPU, one per GPU otherwise)
-
-
-@dataclass
 class TrainerConfig:
     model: Qwen2Shape = field(default_factory=lambda: _tiny())
     parallel: ParallelLayout = field(default_factory=ParallelLayout)
@@ -113,6 +108,7 @@ class TrainerConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     data: MixtureConfig = field(default_factory=MixtureConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     run: RunConfig = field(default_factory=RunConfig)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
 
@@ -154,9 +150,12 @@ def validate(cfg: TrainerConfig, world_size: int, have_te: bool = False) -> Para
             raise ConfigError(f"{key}={_get(cfg, key)!r}: choose one of {list(allowed)}")
     t, o = cfg.train, cfg.optim
     for key in ("train.steps", "train.global_batch_size", "train.micro_batch_size", "train.seq_length",
-                "log.interval", "train.max_consecutive_skips", "train.eval_steps"):
+                "log.interval", "train.max_consecutive_skips", "train.eval_steps", "checkpoint.keep_last"):
         if _get(cfg, key) < 1:
             raise ConfigError(f"{key}={_get(cfg, key)} must be >= 1")
+    for key in ("checkpoint.interval", "checkpoint.keep_every", "train.eval_interval"):
+        if _get(cfg, key) < 0:
+            raise ConfigError(f"{key}={_get(cfg, key)} must be >= 0 (0 turns it off)")
     if not (0 < o.lr and 0 <= o.min_lr <= o.lr and math.isfinite(o.lr)):
         raise ConfigError(f"optim.lr={o.lr} and optim.min_lr={o.min_lr} need 0 <= min_lr <= lr, lr > 0")
     decaying = o.schedule != "constant"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -20,6 +21,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from omegaconf import OmegaConf
 
+from qwen2_megatron.checkpoint.manager import CheckpointManager
 from qwen2_megatron.checkpoint.model_checkpoint import load_model
 from qwen2_megatron.data.loader import build_data_loader
 from qwen2_megatron.data.tokenizer import QwenTokenizer
@@ -34,7 +36,7 @@ from qwen2_megatron.train.config import StageConfig, TrainerConfig, num_microbat
 from qwen2_megatron.train.metrics import MetricsLog, device_peak_tflops
 from qwen2_megatron.train.moe_stats import ExpertLoad, aux_loss
 from qwen2_megatron.train.optimizer import build_optimizer, build_scheduler, guarded_step
-from qwen2_megatron.train.wandb_run import WandbRun
+from qwen2_megatron.train.wandb_run import ID_FILE, WandbRun
 
 
 class NonFiniteError(RuntimeError):
@@ -80,11 +82,19 @@ class Trainer:
         self.consumed_tokens = 0
         self.skipped_steps = 0
         self.consecutive_skips = 0
+        self.checkpoints = CheckpointManager(cfg.checkpoint, cfg.model, layout, _param_precision(cfg))
+        resumed = self.checkpoints.resume(chunks, self.optimizer)
+        if resumed is not None:
+            self._restore(resumed)
+        self._requests = {"stop": False}
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, self._request_stop)
         self.expert_load = ExpertLoad(chunks, cfg.model) if cfg.model.is_moe else None
         self.metrics = MetricsLog(
             self.run_dir, cfg.train.steps, self.runtime.world_size,
             training_flops_per_token(cfg.model, self.seq_length),
             device_peak_tflops(cfg.log.peak_tflops), self.logging_rank, cfg.log.progress_bar,
+            start_step=self.step,
         )
         self.wandb = (
             WandbRun(cfg.log.wandb, self.run_dir, cfg.run.name, _plain(cfg)) if self.logging_rank else None
@@ -164,31 +174,89 @@ class Trainer:
                 seconds = time.perf_counter() - start
                 history.append(result)
                 self.metrics.step_done(result["loss"], self.cfg.train.global_batch_size * self.seq_length, seconds)
-                if self.step % self.cfg.log.interval == 0 or self.step == self.cfg.train.steps:
+                last = self.step == self.cfg.train.steps
+                if self.step % self.cfg.log.interval == 0 or last:
                     self._log()
                 if self.cfg.train.eval_interval and self.step % self.cfg.train.eval_interval == 0:
                     self._log_eval()
+                stop, save_now = self._pending_requests()
+                if stop or save_now or self.checkpoints.due(self.step, last):
+                    self.save()
+                if stop:
+                    if self.logging_rank:
+                        print(f"stopping at step {self.step} on request (checkpoint saved)", flush=True)
+                    break
         finally:
             self.close()
         return history
+
+    # ----- checkpoints --------------------------------------------------------------------------
+
+    def save(self) -> None:
+        """Collective: a full checkpoint of the current step."""
+        state = {
+            "step": self.step,
+            "consumed_tokens": self.consumed_tokens,
+            "skipped_steps": self.skipped_steps,
+            "seq_length": self.seq_length,
+            "scheduler": self.scheduler.state_dict(),
+            "data": self.loader.state_dict(),
+            "wandb_run_id": _read_text(self.run_dir / ID_FILE),
+            "config": OmegaConf.to_yaml(OmegaConf.structured(self.cfg)),
+        }
+        path = self.checkpoints.save(self.step, [c.module for c in self.model], self.optimizer, state)
+        if self.logging_rank:
+            print(f"saved checkpoint {path}", flush=True)
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        self.step = state["step"]
+        self.consumed_tokens = state["consumed_tokens"]
+        self.skipped_steps = state["skipped_steps"]
+        self.scheduler.load_state_dict(state["scheduler"])
+        for stage in self.cfg.train.stages:  # re-enter the stage the checkpoint was taken in
+            if stage.start_step <= self.step:
+                self._enter_stage(stage, resuming=True)
+        self.loader.load_state_dict(state["data"])
+        if state["wandb_run_id"] and self.logging_rank and not (self.run_dir / ID_FILE).exists():
+            (self.run_dir / ID_FILE).write_text(state["wandb_run_id"] + "\n")
+
+    def _request_stop(self, signum: int, _frame: Any) -> None:
+        self._requests["stop"] = True
+
+    def _pending_requests(self) -> tuple[bool, bool]:
+        """(stop, save now), agreed by all ranks: a signal may reach only some of them; a SAVE
+        file in the run directory asks for a checkpoint without stopping."""
+        save_file = self.run_dir / "SAVE"
+        flags = torch.tensor(
+            [float(self._requests["stop"]), float(self.logging_rank and save_file.exists())],
+            device=self.runtime.device,
+        )
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        if flags[1] and self.logging_rank:
+            save_file.unlink(missing_ok=True)
+        return bool(flags[0]), bool(flags[1])
 
     def _apply_stage(self) -> None:
         stage = next((s for s in self.cfg.train.stages if s.start_step == self.step), None)
         if stage is not None:
             self._enter_stage(stage)
 
-    def _enter_stage(self, stage: StageConfig) -> None:
-        """Switch sequence length (continuing the same document stream) and RoPE base."""
+    def _enter_stage(self, stage: StageConfig, resuming: bool = False) -> None:
+        """Switch sequence length (continuing the same document stream) and RoPE base.
+
+        When resuming, the checkpoint's data state (taken inside the stage) is loaded afterwards.
+        """
         if stage.seq_length != self.seq_length:
-            state = self.loader.state_dict()
+            state = None if resuming else self.loader.state_dict()
             self.loader.close()
             self.seq_length = stage.seq_length
             self.loader = self._loader(self.cfg.data, self.seq_length)
-            self.loader.load_state_dict(state, seq_length_changed=True)
-            self.metrics.flops_per_token = training_flops_per_token(self.cfg.model, self.seq_length)
+            if state is not None:
+                self.loader.load_state_dict(state, seq_length_changed=True)
+                self.metrics.flops_per_token = training_flops_per_token(self.cfg.model, self.seq_length)
         if stage.rope_theta is not None:
             set_rope_base([c.module for c in self.model], stage.rope_theta)
-        if self.logging_rank:
+        if self.logging_rank and not resuming:
             print(f"stage at step {self.step}: seq_length {self.seq_length}, rope base "
                   f"{stage.rope_theta or 'unchanged'}", flush=True)
 
@@ -238,6 +306,10 @@ class Trainer:
             self.eval_loader.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def _read_text(path: Path) -> str | None:
+    return path.read_text().strip() if path.is_file() else None
 
 
 def _param_precision(cfg: TrainerConfig) -> str:

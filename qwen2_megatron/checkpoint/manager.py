@@ -1,0 +1,105 @@
+"""When and where the trainer saves, and what it resumes from.
+
+Saving: every `interval` steps, at the end, and on request (a signal or a SAVE file in the run
+directory; see train/trainer.py). Resuming: `resume=auto` takes the newest complete checkpoint of
+the run (starting fresh when there is none), reports incomplete ones, and with `fallback` skips a
+newest checkpoint whose files are damaged; `resume=<path>` loads exactly that checkpoint;
+`resume=none` starts fresh. Every decision is taken on rank 0 and broadcast, so all ranks load
+the same checkpoint or none.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch.distributed as dist
+
+from qwen2_megatron.checkpoint.store import CheckpointStore, checkpoint_step
+from qwen2_megatron.checkpoint.train_checkpoint import load_training, save_training
+from qwen2_megatron.checkpoint.validate import IncompleteCheckpointError, UnsafeCheckpointError, check_files
+from qwen2_megatron.model.shape import Qwen2Shape
+from qwen2_megatron.parallel.layout import ParallelLayout
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str = "${run.dir}/checkpoints"  # a path on shared storage
+    interval: int = 100  # steps between saves; 0 = only at the end and on request
+    resume: str = "auto"  # auto | none | a checkpoint directory
+    fallback: bool = True  # resume=auto: skip a damaged newest checkpoint for the one before
+    keep_last: int = 3  # complete checkpoints kept (the newest is never deleted)
+    keep_every: int = 0  # also keep every checkpoint whose step is a multiple of this; 0 = none
+    save_at_end: bool = True
+
+
+class CheckpointError(RuntimeError):
+    """No checkpoint can be resumed from although one was asked for."""
+
+
+class CheckpointManager:
+    def __init__(
+        self, cfg: CheckpointConfig, shape: Qwen2Shape, layout: ParallelLayout, precision: str
+    ) -> None:
+        self.cfg, self.shape, self.layout, self.precision = cfg, shape, layout, precision
+        self.store = CheckpointStore(cfg.dir)
+        self.main = dist.get_rank() == 0
+
+    def due(self, step: int, last: bool) -> bool:
+        return bool(self.cfg.interval and step % self.cfg.interval == 0) or (last and self.cfg.save_at_end)
+
+    def save(self, step: int, chunks: list[Any], optimizer: Any, train_state: dict[str, Any]) -> Path:
+        """Collective: write, publish atomically, then apply retention."""
+        partial = self.store.partial_path(step)
+        if self.main:
+            self.store.prepare(step)
+        dist.barrier()
+        save_training(partial, chunks, optimizer, self.shape, self.layout, self.precision, train_state)
+        if self.main:
+            self.store.publish(step)
+            for path in self.store.retain(self.cfg.keep_last, self.cfg.keep_every):
+                print(f"checkpoint retention: removed {path}", flush=True)
+        dist.barrier()
+        return self.store.path(step)
+
+    def resume(self, chunks: list[Any], optimizer: Any) -> dict[str, Any] | None:
+        """Collective: load the checkpoint chosen by `resume`; None when starting fresh."""
+        if self.cfg.resume == "none":
+            return None
+        for path in self._candidates():
+            problem = self._check(path)
+            if problem is None:
+                state = load_training(path, chunks, optimizer, self.shape, self.layout)
+                if self.main:
+                    print(f"resumed from {path} (step {state['step']})", flush=True)
+                return state
+            explicit = self.cfg.resume != "auto"
+            if explicit or not self.cfg.fallback:
+                raise CheckpointError(f"cannot resume from {path}: {problem}")
+            if self.main:
+                print(f"warning: skipping checkpoint {path}: {problem}", flush=True)
+        if self.cfg.resume != "auto":
+            raise CheckpointError(f"checkpoint.resume={self.cfg.resume} does not exist")
+        return None
+
+    def _candidates(self) -> list[Path]:
+        if self.cfg.resume != "auto":
+            path = Path(self.cfg.resume)
+            return [path] if path.exists() else []
+        listing = self.store.listing()
+        if self.main:
+            for path in listing.incomplete:
+                print(f"ignoring incomplete checkpoint {path} (its save did not finish)", flush=True)
+        return sorted(listing.complete, key=checkpoint_step, reverse=True)
+
+    def _check(self, path: Path) -> str | None:
+        """Rank 0 checks the files; every rank gets the same verdict."""
+        verdict: list[str | None] = [None]
+        if self.main:
+            try:
+                check_files(path)
+            except (IncompleteCheckpointError, UnsafeCheckpointError) as err:
+                verdict[0] = str(err)
+        dist.broadcast_object_list(verdict, src=0)
+        return verdict[0]

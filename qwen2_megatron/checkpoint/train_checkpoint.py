@@ -1,0 +1,159 @@
+"""Full training state: model, optimizer, schedule, data position, RNG, counters.
+
+Model and optimizer go through megatron-core's dist_checkpointing (torch_dist): every rank writes
+its own shards in parallel, and the optimizer state is saved "fully reshardable", so a run may
+resume with another TP / PP / EP / DP layout. Everything else is small and JSON
+(train_state.json), except each rank's RNG state (rng/rank_N.pt, plain tensors and numbers,
+loaded with torch.load(weights_only=True): nothing in a checkpoint is ever executed).
+
+Without Transformer Engine or apex, megatron-core restores Adam's step counter from the live
+optimizer instead of the checkpoint (platform.md); the step is therefore also saved here and put
+back into the optimizer after loading.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing, tensor_parallel
+
+from qwen2_megatron.checkpoint.model_checkpoint import (
+    check_shape,
+    read_info,
+    restore_model_state,
+    sharded_model_state,
+    write_info,
+)
+from qwen2_megatron.checkpoint.store import TRAIN_STATE
+from qwen2_megatron.model.shape import Qwen2Shape
+from qwen2_megatron.parallel.layout import ParallelLayout
+
+OPTIMIZER_FORMAT = {"distrib_optim_sharding_type": "fully_reshardable", "chained_optim_avoid_prefix": True}
+
+
+class CorruptCheckpointError(RuntimeError):
+    """A checkpoint whose files cannot be read back."""
+
+
+def _sharded_state(chunks: list[torch.nn.Module], optimizer: Any, is_loading: bool) -> dict[str, Any]:
+    state = sharded_model_state(chunks)
+    state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=is_loading, metadata=OPTIMIZER_FORMAT)
+    return state
+
+
+def save_training(
+    path: Path,
+    chunks: list[torch.nn.Module],
+    optimizer: Any,
+    shape: Qwen2Shape,
+    layout: ParallelLayout,
+    precision: str,
+    train_state: dict[str, Any],
+) -> None:
+    """Collective. Writes into `path` (a partial directory); train_state.json is written last."""
+    dist_checkpointing.save(_sharded_state(chunks, optimizer, is_loading=False), str(path))
+    rank = dist.get_rank()
+    (path / "rng").mkdir(exist_ok=True)
+    torch.save(_rng_state(), path / "rng" / f"rank_{rank:05d}.pt")
+    dist.barrier()
+    if rank == 0:
+        write_info(path, shape, layout, precision)
+        state = {**train_state, "adam_step": _adam_step(optimizer), "world_size": dist.get_world_size()}
+        tmp = path / f".{TRAIN_STATE}.tmp"
+        tmp.write_text(json.dumps(state, indent=1) + "\n")
+        tmp.replace(path / TRAIN_STATE)
+    dist.barrier()
+
+
+def load_training(
+    path: Path,
+    chunks: list[torch.nn.Module],
+    optimizer: Any,
+    shape: Qwen2Shape,
+    layout: ParallelLayout,
+) -> dict[str, Any]:
+    """Collective. Restores model, optimizer and (same layout only) RNG; returns train_state."""
+    check_shape(path, shape)
+    state_file = path / TRAIN_STATE
+    try:
+        train_state = json.loads(state_file.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise CorruptCheckpointError(f"{state_file} cannot be read ({err})") from None
+    _initialise_states(optimizer)
+    try:
+        loaded = dist_checkpointing.load(_sharded_state(chunks, optimizer, is_loading=True), str(path))
+    except Exception as err:  # noqa: BLE001 - any read failure means the same thing to the user
+        raise CorruptCheckpointError(
+            f"{path}: the model/optimizer shards cannot be read ({type(err).__name__}: {err}); "
+            "a file is truncated, corrupted or missing"
+        ) from err
+    restore_model_state(chunks, loaded)
+    with torch.no_grad():  # the distributed optimizer's fp32 main params are views of the weights
+        optimizer.load_state_dict(loaded["optimizer"])
+    _set_adam_step(optimizer, train_state["adam_step"])
+    same_layout = read_info(path)["layout"] == asdict(layout) and train_state["world_size"] == dist.get_world_size()
+    if same_layout:
+        _set_rng_state(torch.load(path / "rng" / f"rank_{dist.get_rank():05d}.pt", weights_only=True))
+    train_state["rng_restored"] = same_layout
+    return train_state
+
+
+def _initialise_states(optimizer: Any) -> None:
+    """A fresh torch Adam has no state; megatron's loading path needs it, with a step entry."""
+    for inner in _inner_optimizers(optimizer):
+        if not inner.optimizer.state and getattr(inner, "init_state_fn", None) is not None:
+            inner.init_state_fn(inner.optimizer, inner.config)
+        for state in inner.optimizer.state.values():
+            state.setdefault("step", torch.tensor(0.0))
+
+
+def _inner_optimizers(optimizer: Any) -> list[Any]:
+    return list(getattr(optimizer, "chained_optimizers", [optimizer]))
+
+
+def _adam_step(optimizer: Any) -> int:
+    steps = {
+        int(state["step"])
+        for inner in _inner_optimizers(optimizer)
+        for state in inner.optimizer.state.values()
+        if "step" in state
+    }
+    if len(steps) > 1:
+        raise RuntimeError(f"optimizer parameters disagree on Adam's step: {sorted(steps)}")
+    return steps.pop() if steps else 0
+
+
+def _set_adam_step(optimizer: Any, step: int) -> None:
+    for inner in _inner_optimizers(optimizer):
+        for state in inner.optimizer.state.values():
+            state["step"] = torch.tensor(float(step), dtype=torch.float32)
+
+
+def _rng_state() -> dict[str, Any]:
+    keys, position, has_gauss, gauss = np.random.get_state()[1:]
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": [torch.from_numpy(keys.astype(np.int64)), int(position), int(has_gauss), float(gauss)],
+        "torch": torch.get_rng_state(),
+        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    keys, position, has_gauss, gauss = state["numpy"]
+    np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), position, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"])
