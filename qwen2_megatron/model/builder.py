@@ -131,5 +131,19 @@ def build_model(
         )
         if torch.cuda.is_available():
             model.cuda(torch.cuda.current_device())
+        _mark_routed_experts(model)
         chunks.append(model)
     return chunks
+
+
+def _mark_routed_experts(model: GPTModel) -> None:
+    """Routed-expert weights count as expert-parallel in every layout, EP=1 included.
+
+    megatron-core does so only when EP > 1 (or expert-TP differs from TP); then its optimizer
+    chains a separate expert optimizer, so an optimizer checkpoint's structure would depend on
+    EP and an EP2 checkpoint could not resume at EP1. At EP=1 the expert data-parallel group is
+    the data-parallel group, so gradients are reduced exactly as before.
+    """
+    for name, param in model.named_parameters():
+        if ".mlp.experts." in name:
+            param.allreduce = False

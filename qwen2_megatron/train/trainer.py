@@ -12,7 +12,7 @@ import json
 import math
 import signal
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -288,7 +288,8 @@ class Trainer:
     def evaluate(self) -> float:
         """Mean loss over train.eval_steps global batches of the held-out data."""
         if self.eval_loader is None:
-            self.eval_loader = self._loader(self.cfg.data.heldout(), self.seq_length)
+            heldout = replace(self.cfg.data.heldout(), num_lanes=self.runtime.layout.dp)
+            self.eval_loader = self._loader(heldout, self.seq_length)
         for chunk in self.model:
             chunk.eval()
         values: list[torch.Tensor] = []

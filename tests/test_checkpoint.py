@@ -1,0 +1,155 @@
+"""Checkpoints: exact resume, resharding to other layouts, damaged files, fallback, retention."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from qwen2_megatron.checkpoint.manager import CheckpointConfig
+from qwen2_megatron.checkpoint.model_checkpoint import CheckpointMismatchError, check_shape
+from qwen2_megatron.checkpoint.store import CheckpointStore
+from qwen2_megatron.checkpoint.validate import IncompleteCheckpointError, UnsafeCheckpointError, check_files
+from qwen2_megatron.cli import checkpoint as checkpoint_cli
+from qwen2_megatron.data.demo import demo_mixture
+from qwen2_megatron.model.presets import get_preset
+from qwen2_megatron.parallel.layout import ParallelLayout
+from qwen2_megatron.parallel.local_launch import spawn
+from qwen2_megatron.train.config import LogConfig, OptimConfig, RunConfig, TrainConfig, TrainerConfig
+from tests.trainer_workers import train_configs
+
+RESHARD_TOL = 1e-4
+_DENSE = replace(get_preset("tiny"), hidden_size=64, intermediate_size=128)
+_MOE = replace(get_preset("tiny_moe"), hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+               shared_expert_intermediate_size=64)
+
+
+def _cfg(root: Path, run: str, steps: int, layout: ParallelLayout, moe: bool = False, **ckpt) -> TrainerConfig:
+    return TrainerConfig(
+        model=_MOE if moe else _DENSE,
+        parallel=layout,
+        train=TrainConfig(steps=steps, global_batch_size=4, micro_batch_size=2, seq_length=64),
+        optim=OptimConfig(lr=2e-3, warmup_steps=1, decay_steps=6),  # same schedule for 3 and 6 steps
+        data=demo_mixture(num_workers=0),
+        log=LogConfig(interval=1, progress_bar=False),
+        run=RunConfig(dir=str(root / run), name=run),
+        checkpoint=CheckpointConfig(**{"dir": str(root / run / "checkpoints"), "interval": 0, **ckpt}),
+    )
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    root = tmp_path_factory.mktemp("ckpt")
+    dp2, tp2, pp2, ep2 = ParallelLayout(), ParallelLayout(tp=2, sequence_parallel=True), ParallelLayout(pp=2), ParallelLayout(ep=2)
+    two = {
+        "ref": _cfg(root, "ref", 6, dp2, save_at_end=False),
+        "ref_moe": _cfg(root, "ref_moe", 6, ep2, moe=True, save_at_end=False),
+        "dp2_first": _cfg(root, "dp2", 3, dp2),
+        "dp2_resumed": _cfg(root, "dp2", 6, dp2),
+        "tp2_first": _cfg(root, "tp2", 3, tp2),
+        "moe_ep2_first": _cfg(root, "moe", 3, ep2, moe=True),
+    }
+    results = dict(zip(two, spawn(train_configs, 2, list(two.values()))[0]))
+    # The step-3 checkpoints resumed in other layouts (separate run dirs holding copies).
+    for source, target in (("tp2", "tp2_to_dp2"), ("tp2", "tp2_to_pp2"), ("moe", "ep2_to_ep1"), ("dp2", "dp2_to_dp1")):
+        step3 = Path("checkpoints") / "step_00000003"
+        shutil.copytree(root / source / step3, root / target / step3)
+    two = {
+        "tp2_to_dp2": _cfg(root, "tp2_to_dp2", 6, dp2, save_at_end=False),
+        "tp2_to_pp2": _cfg(root, "tp2_to_pp2", 6, pp2, save_at_end=False),
+        "ep2_to_ep1": _cfg(root, "ep2_to_ep1", 6, dp2, moe=True, save_at_end=False),
+    }
+    results.update(zip(two, spawn(train_configs, 2, list(two.values()))[0]))
+    one = {"dp2_to_dp1": _cfg(root, "dp2_to_dp1", 6, ParallelLayout(), save_at_end=False)}
+    results.update(zip(one, spawn(train_configs, 1, list(one.values()))[0]))
+    results["root"] = root
+    return results
+
+
+def test_interrupted_and_resumed_run_is_bit_identical(runs: dict) -> None:
+    """Catches e.g. Adam's step counter not being restored (megatron without TE/apex)."""
+    assert runs["dp2_first"] == runs["ref"][:3]
+    assert runs["dp2_resumed"] == runs["ref"][3:], (runs["dp2_resumed"], runs["ref"])
+
+
+@pytest.mark.parametrize("run, reference", [("tp2_to_dp2", "ref"), ("tp2_to_pp2", "ref"), ("dp2_to_dp1", "ref"), ("ep2_to_ep1", "ref_moe")])
+def test_resharded_resume_continues_the_original_run(runs: dict, run: str, reference: str) -> None:
+    resumed, original = runs[run], runs[reference][3:]
+    assert isinstance(resumed, list) and len(resumed) == 3, resumed
+    worst = max(abs(a - b) for a, b in zip(resumed, original))
+    print(f"{run}: max |loss diff| vs the uninterrupted run = {worst:.2e}")
+    assert worst <= RESHARD_TOL
+
+
+def test_checkpoint_contents_and_inspection(runs: dict, capsys: pytest.CaptureFixture) -> None:
+    path = runs["root"] / "dp2" / "checkpoints" / "step_00000003"
+    state = json.loads((path / "train_state.json").read_text())
+    assert state["step"] == 3 and state["consumed_tokens"] == 3 * 4 * 64
+    assert state["data"]["consumed"] == 12 and "lanes" in state["data"]
+    assert state["scheduler"]["num_steps"] == 3 and state["adam_step"] == 3
+    assert "hidden_size: 64" in state["config"]
+    assert sorted(p.name for p in (path / "rng").iterdir()) == ["rank_00000.pt", "rank_00001.pt"]
+    assert (runs["root"] / "dp2" / "checkpoints" / "latest").read_text().strip() == "step_00000006"
+    assert checkpoint_cli.main(["inspect", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "complete         True" in out and "step             3" in out and "'dp': 2" in out
+
+
+def test_damaged_files_are_named(runs: dict, tmp_path: Path) -> None:
+    good = runs["root"] / "dp2" / "checkpoints" / "step_00000003"
+    check_files(good)
+    shard = tmp_path / "truncated"
+    shutil.copytree(good, shard)
+    victim = sorted(shard.glob("*.distcp"))[0]
+    victim.write_bytes(victim.read_bytes()[:1000])
+    with pytest.raises(IncompleteCheckpointError, match=f"shard {victim} is truncated"):
+        check_files(shard)
+    no_index = tmp_path / "no_index"
+    shutil.copytree(good, no_index)
+    (no_index / ".metadata").unlink()
+    with pytest.raises(IncompleteCheckpointError, match=r"\.metadata is missing"):
+        check_files(no_index)
+    evil = tmp_path / "evil"
+    shutil.copytree(good, evil)
+    (evil / ".metadata").write_bytes(b"cos\nsystem\n(S'echo owned'\ntR.")  # os.system('echo owned')
+    with pytest.raises(UnsafeCheckpointError, match="refusing to load it"):
+        check_files(evil)
+
+
+def test_other_model_shape_or_vocabulary_is_refused(runs: dict) -> None:
+    path = runs["root"] / "dp2" / "checkpoints" / "step_00000003"
+    with pytest.raises(CheckpointMismatchError, match=r"'vocab_size': \(151936, 152064\)"):
+        check_shape(path, replace(_DENSE, vocab_size=152064))
+    with pytest.raises(CheckpointMismatchError, match=r"'hidden_size': \(64, 128\)"):
+        check_shape(path, get_preset("tiny"))
+
+
+def test_resume_falls_back_past_a_damaged_newest_checkpoint(runs: dict, tmp_path: Path) -> None:
+    run_dir = tmp_path / "fallback"
+    shutil.copytree(runs["root"] / "dp2" / "checkpoints", run_dir / "checkpoints")
+    store = CheckpointStore(run_dir / "checkpoints")
+    newest = store.latest()
+    assert newest is not None and newest.name == "step_00000006"
+    for shard in newest.glob("*.distcp"):
+        shard.write_bytes(b"")  # truncated by a crash of the storage
+    (run_dir / "checkpoints" / ".step_00000009.partial").mkdir()  # an interrupted save
+    cfg = _cfg(tmp_path, "fallback", 6, ParallelLayout(), save_at_end=False)
+    (losses,) = spawn(train_configs, 1, [cfg])[0]
+    assert losses == pytest.approx(runs["ref"][3:], abs=RESHARD_TOL)  # resumed at step 3 again
+    strict = replace(cfg, checkpoint=replace(cfg.checkpoint, fallback=False))
+    (message,) = spawn(train_configs, 1, [strict])[0]
+    assert isinstance(message, str) and "cannot resume from" in message and "truncated" in message
+
+
+def test_retention_keeps_last_k_and_every_mth(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path)
+    for step in range(1, 11):
+        store.prepare(step)
+        (store.partial_path(step) / "train_state.json").write_text("{}")
+        store.publish(step)
+        store.retain(keep_last=2, keep_every=4)
+    assert [p.name for p in store.listing().complete] == ["step_00000004", "step_00000008", "step_00000009", "step_00000010"]
+    assert store.latest().name == "step_00000010"
