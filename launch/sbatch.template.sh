@@ -16,7 +16,12 @@ say "job $SLURM_JOB_ID start $restarts on $SLURM_JOB_NODELIST, master $MASTER_AD
 # USR1 (--signal=B:USR1@lead before the time limit, or scancel --signal=USR1 --batch) goes to
 # the batch shell only: forward it through srun to every rank, which checkpoints and exits 0.
 signalled=0
-on_usr1() { signalled=1; say "USR1: asking the trainer to checkpoint and exit"; kill -USR1 "$srun_pid"; }
+srun_pid=""
+on_usr1() {
+    signalled=1
+    say "USR1: asking the trainer to checkpoint and exit"
+    [ -z "$srun_pid" ] || kill -USR1 "$srun_pid"
+}
 on_term() { say "TERM (cancel or preemption): the ranks got it too and checkpoint"; }
 trap on_usr1 USR1
 trap on_term TERM
@@ -34,7 +39,9 @@ while kill -0 "$srun_pid" 2>/dev/null; do  # a trapped signal interrupts wait: w
 done
 say "trainer exited with status $status"
 
-if [ "$signalled" = 1 ] && [ "$status" = 0 ]; then
+# Requeue after the signal whatever the exit status: a rank that had not yet installed its
+# handler dies of USR1, and the job resumes from the last checkpoint there is.
+if [ "$signalled" = 1 ]; then
     if grep -Eq '"step": @FINAL_STEP@[,}]' @METRICS@ 2>/dev/null; then
         say "the run reached its final step @FINAL_STEP@: not requeueing"
     elif [ "$restarts" -ge @MAX_REQUEUES@ ]; then

@@ -106,6 +106,8 @@ def check_cluster(cfg: TrainerConfig) -> None:
                 name = default = name[:-1]
             nodes[name] = nodes.get(name, 0) + int(count)
     partition = cfg.launcher.slurm.partition or default
+    if partition is None:
+        raise ConfigError(f"this cluster has no default partition; set launcher.slurm.partition to one of {sorted(nodes)}")
     if partition not in nodes:
         raise ConfigError(f"launcher.slurm.partition={partition!r} does not exist on this cluster; "
                           f"available: {sorted(nodes)}")
