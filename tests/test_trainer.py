@@ -16,7 +16,9 @@ from qwen2_megatron.checkpoint.model_checkpoint import checkpoint_shape
 from qwen2_megatron.data.demo import demo_mixture
 from qwen2_megatron.parallel.layout import ParallelLayout
 from qwen2_megatron.parallel.local_launch import spawn
-from qwen2_megatron.train.config import LogConfig, OptimConfig, RunConfig, TrainConfig, TrainerConfig, WandbConfig
+from qwen2_megatron.train.config import (
+    LogConfig, OptimConfig, RunConfig, StageConfig, TrainConfig, TrainerConfig, WandbConfig,
+)
 from tests.conftest import save_random_hf
 from tests.trainer_workers import train_configs
 from tests.wandb_reader import read_run
@@ -69,6 +71,8 @@ def runs(checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFactory)
                                train__steps=8, train__max_consecutive_skips=2),
         "nonfinite_stop": _cfg(root, dense, "stop", optim__lr=1e30, optim__clip_grad=0.0,
                                train__steps=8, train__on_nonfinite="stop"),
+        "stages_eval": _cfg(root, dense, "stages", train__eval_interval=2, train__eval_steps=1,
+                            train__stages=[StageConfig(start_step=2, seq_length=32, rope_theta=1e4)]),
     }
     two = {
         "dp2": _cfg(root, dense, "dp2"),
@@ -144,3 +148,15 @@ def test_wandb_offline_run_is_continued_after_restart(runs: dict) -> None:
     assert steps == [1, 2, 3]
     assert all(math.isfinite(row["loss"]) and row["lr"] > 0 and "tokens_per_s" in row for row in first["history"])
     assert [row["_step"] for row in second["history"]] == [4, 5]  # resumed from the step-3 checkpoint
+
+
+def test_stages_switch_sequence_length_and_evaluation_runs(runs: dict) -> None:
+    losses = runs["stages_eval"]
+    assert isinstance(losses, list) and len(losses) == STEPS, losses
+    records = [json.loads(line) for line in (runs["root"] / "stages" / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if "eval_loss" not in r]
+    evals = [r for r in records if "eval_loss" in r]
+    assert [r["seq_length"] for r in train] == [64, 64, 32, 32]
+    assert [r["consumed_tokens"] for r in train] == [256, 512, 640, 768]
+    assert [r["step"] for r in evals] == [2, 4]
+    assert all(math.isfinite(r["eval_loss"]) and r["eval_perplexity"] == pytest.approx(math.exp(r["eval_loss"])) for r in evals)
