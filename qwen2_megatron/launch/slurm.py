@@ -39,7 +39,8 @@ def sbatch_directives(cfg: TrainerConfig, run_dir: Path) -> list[str]:
 
 
 def srun_args(cfg: TrainerConfig) -> list[str]:
-    """pyxis/enroot: run each rank in the container image, with the working directory mounted."""
+    """pyxis/enroot: each rank runs in the image, in the submission directory (mount it with
+    container_mounts)."""
     s = cfg.launcher.slurm
     if not s.container_image:
         return []
