@@ -53,6 +53,11 @@ _RECOMPUTE: dict[str, dict[str, Any]] = {
 class Trainer:
     def __init__(self, cfg: TrainerConfig) -> None:
         self.cfg = cfg
+        # First: a preemption signal during start-up must not kill the rank; the request is
+        # honoured (checkpoint, exit 0) at the first step boundary.
+        self._requests = {"stop": False}
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, self._request_stop)
         validate(cfg, process_env()[1], use_transformer_engine())
         self.runtime = init_runtime(cfg.parallel, seed=cfg.train.seed)
         layout = self.runtime.layout
@@ -86,9 +91,6 @@ class Trainer:
         resumed = self.checkpoints.resume(chunks, self.optimizer)
         if resumed is not None:
             self._restore(resumed)
-        self._requests = {"stop": False}
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
-            signal.signal(sig, self._request_stop)
         self.expert_load = ExpertLoad(chunks, cfg.model) if cfg.model.is_moe else None
         self.metrics = MetricsLog(
             self.run_dir, cfg.train.steps, self.runtime.world_size,
