@@ -94,8 +94,7 @@ class MetricsLog:
             **extra,
         }
         if self.enabled:
-            with open(self.path, "a", encoding="utf-8") as stream:
-                stream.write(json.dumps(record) + "\n")
+            self.append(record)
             line = (
                 f"step {step:>6d} | loss {record['loss']:.4f} | lr {record.get('lr', 0):.2e} | "
                 f"grad norm {record.get('grad_norm', float('nan')):.3f} | "
@@ -108,6 +107,11 @@ class MetricsLog:
             (self.bar.write if self.bar is not None else print)(line)
         self._reset()
         return record
+
+    def append(self, record: dict[str, Any]) -> None:
+        """Add one record (a training interval or an evaluation) to metrics.jsonl."""
+        with open(self.path, "a", encoding="utf-8") as stream:
+            stream.write(json.dumps(record) + "\n")
 
     def close(self) -> None:
         if self.bar is not None:

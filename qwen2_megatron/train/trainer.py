@@ -8,7 +8,6 @@ reduce over data parallel in megatron's DDP), then one guarded optimizer step.
 
 from __future__ import annotations
 
-import json
 import math
 import signal
 import time
@@ -99,7 +98,7 @@ class Trainer:
             start_step=self.step,
         )
         self.wandb = (
-            WandbRun(cfg.log.wandb, self.run_dir, cfg.run.name, _plain(cfg)) if self.logging_rank else None
+            WandbRun(cfg.log.wandb, self.run_dir, cfg.run.name, asdict(cfg)) if self.logging_rank else None
         )
 
     # ----- data ---------------------------------------------------------------------------------
@@ -281,8 +280,7 @@ class Trainer:
         loss = self.evaluate()
         if self.logging_rank:
             record = {"step": self.step, "eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
-            with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as stream:
-                stream.write(json.dumps(record) + "\n")
+            self.metrics.append(record)
             print(f"eval at step {self.step}: loss {loss:.4f}, perplexity {record['eval_perplexity']:.2f}", flush=True)
             if self.wandb is not None:
                 self.wandb.log(record, self.step)
@@ -317,7 +315,3 @@ def _read_text(path: Path) -> str | None:
 
 def _param_precision(cfg: TrainerConfig) -> str:
     return "fp32" if cfg.train.precision == "fp32" else "bf16"
-
-
-def _plain(cfg: TrainerConfig) -> dict[str, Any]:
-    return asdict(cfg)
