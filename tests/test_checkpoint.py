@@ -51,6 +51,9 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
         "dp2_resumed": _cfg(root, "dp2", 6, dp2),
         "tp2_first": _cfg(root, "tp2", 3, tp2),
         "moe_ep2_first": _cfg(root, "moe", 3, ep2, moe=True),
+        # background saves every step (each waits for the one before), then resumed
+        "async_first": _cfg(root, "async", 3, dp2, interval=1, async_save=True),
+        "async_resumed": _cfg(root, "async", 6, dp2, interval=2, async_save=True),
     }
     results = dict(zip(two, spawn(train_configs, 2, list(two.values()))[0]))
     # The step-3 checkpoints resumed in other layouts (separate run dirs holding copies).
@@ -73,6 +76,14 @@ def test_interrupted_and_resumed_run_is_bit_identical(runs: dict) -> None:
     """Catches e.g. Adam's step counter not being restored (megatron without TE/apex)."""
     assert runs["dp2_first"] == runs["ref"][:3]
     assert runs["dp2_resumed"] == runs["ref"][3:], (runs["dp2_resumed"], runs["ref"])
+
+
+def test_asynchronous_saves_resume_exactly(runs: dict) -> None:
+    assert runs["async_first"] + runs["async_resumed"] == runs["ref"]
+    store = CheckpointStore(runs["root"] / "async" / "checkpoints")
+    assert [p.name for p in store.listing().complete] == ["step_00000003", "step_00000004", "step_00000006"]
+    assert store.listing().incomplete == [] and store.latest() == store.path(6)
+    check_files(store.path(6))
 
 
 @pytest.mark.parametrize("run, reference", [("tp2_to_dp2", "ref"), ("tp2_to_pp2", "ref"), ("dp2_to_dp1", "ref"), ("ep2_to_ep1", "ref_moe")])

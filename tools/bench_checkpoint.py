@@ -1,11 +1,14 @@
-"""Checkpoint save throughput versus the raw write speed of the same disk.
+"""Checkpoint save throughput versus the raw write speed of the same disk, and what an
+asynchronous save costs the training step that triggers it.
 
     python tools/bench_checkpoint.py [--dir /path/on/the/storage] [--layers 8] [--nproc 2]
 
 Builds a Qwen2-0.5B-shaped model (fewer layers to fit a laptop) with megatron DDP and the
-distributed optimizer on `nproc` local ranks, takes one optimizer step so Adam's state exists,
-then times full training checkpoints (model + optimizer, torch_dist, fsync'd, published
-atomically) and a plain sequential write of the same number of bytes with fsync.
+distributed optimizer on `nproc` local ranks and trains it on random tokens. Times: a training
+step; full synchronous checkpoints (model + optimizer, torch_dist, fsync'd, published
+atomically); asynchronous checkpoints (the part that blocks training, then a training step run
+while the background writer works, then the time until published); and a plain sequential write
+of the same number of bytes with fsync.
 """
 
 from __future__ import annotations
@@ -17,7 +20,6 @@ import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
-
 
 def raw_write(path: Path, nbytes: int) -> float:
     """Seconds for one sequential write of nbytes (8 MiB blocks) followed by fsync."""
@@ -33,11 +35,13 @@ def raw_write(path: Path, nbytes: int) -> float:
     return seconds
 
 
-def save_rank(directory: str, layers: int, repeats: int) -> list[float]:
+def save_rank(directory: str, layers: int, repeats: int, seq: int) -> dict[str, list[float]]:
+    import torch
     import torch.distributed as dist
 
     from qwen2_megatron.checkpoint.manager import CheckpointConfig, CheckpointManager
     from qwen2_megatron.model.builder import build_model
+    from qwen2_megatron.model.forward import forward_backward
     from qwen2_megatron.model.presets import get_preset
     from qwen2_megatron.parallel.ddp import wrap_ddp
     from qwen2_megatron.parallel.layout import ParallelLayout
@@ -50,19 +54,43 @@ def save_rank(directory: str, layers: int, repeats: int) -> list[float]:
     try:
         chunks = wrap_ddp(build_model(shape, runtime.layout), use_distributed_optimizer=True)
         optimizer = build_optimizer(OptimConfig(), "fp32", chunks)
-        for chunk in chunks:
-            for param in chunk.parameters():
-                param.main_grad.fill_(1e-3)
-        optimizer.step()
-        manager = CheckpointManager(
-            CheckpointConfig(dir=directory, keep_last=1), shape, runtime.layout, "fp32"
-        )
-        times = []
+        tokens = torch.randint(0, shape.vocab_size, (1, seq + 1), generator=torch.Generator().manual_seed(0))
+        batch = {"tokens": tokens[:, :-1], "labels": tokens[:, 1:], "loss_mask": torch.ones(1, seq)}
+
+        def train_step() -> float:
+            dist.barrier()
+            start = time.perf_counter()
+            for chunk in chunks:
+                chunk.zero_grad_buffer()
+            optimizer.zero_grad()
+            forward_backward(chunks, [batch])
+            optimizer.step()
+            dist.barrier()
+            return time.perf_counter() - start
+
+        train_step()  # Adam's state exists from here on
+        times: dict[str, list[float]] = {"step": [train_step() for _ in range(repeats)]}
+        models = [c.module for c in chunks]
+        sync = CheckpointManager(CheckpointConfig(dir=f"{directory}/sync", keep_last=1), shape, runtime.layout, "fp32")
+        times["sync_save"] = []
         for step in range(1, repeats + 1):
             dist.barrier()
             start = time.perf_counter()
-            manager.save(step, [c.module for c in chunks], optimizer, {"step": step})
-            times.append(time.perf_counter() - start)
+            sync.save(step, models, optimizer, {"step": step})
+            times["sync_save"].append(time.perf_counter() - start)
+        background = CheckpointManager(
+            CheckpointConfig(dir=f"{directory}/async", keep_last=1, async_save=True), shape, runtime.layout, "fp32"
+        )
+        for key in ("async_blocking", "step_while_writing", "async_total"):
+            times[key] = []
+        for step in range(1, repeats + 1):
+            dist.barrier()
+            start = time.perf_counter()
+            background.save(step, models, optimizer, {"step": step})
+            times["async_blocking"].append(time.perf_counter() - start)
+            times["step_while_writing"].append(train_step())
+            background.wait()
+            times["async_total"].append(time.perf_counter() - start)
         return times
     finally:
         shutdown_runtime()
@@ -74,21 +102,28 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--nproc", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--seq", type=int, default=1024, help="tokens in the timed training step")
     args = parser.parse_args()
     from qwen2_megatron.parallel.local_launch import spawn
 
     work = Path(tempfile.mkdtemp(prefix="bench-ckpt-", dir=args.dir))
     try:
-        times = spawn(save_rank, args.nproc, str(work / "ckpt"), args.layers, args.repeats)[0]
-        checkpoint = next((work / "ckpt").glob("step_*"))
+        times = spawn(save_rank, args.nproc, str(work / "ckpt"), args.layers, args.repeats, args.seq)[0]
+        checkpoint = next((work / "ckpt" / "sync").glob("step_*"))
         nbytes = sum(f.stat().st_size for f in checkpoint.rglob("*") if f.is_file())
-        save_s = min(times)
+        best = {key: min(values) for key, values in times.items()}
         raw_s = min(raw_write(work / "raw.bin", nbytes) for _ in range(args.repeats))
+        save_s = best["sync_save"]
+        slowed = (best["async_blocking"] + best["step_while_writing"]) / best["step"] - 1
         print(f"checkpoint size       {nbytes / 2**30:.2f} GiB ({args.layers}-layer Qwen2-0.5B shape, "
-              f"model + Adam, {args.nproc} ranks)")
-        print(f"checkpoint save       {save_s:.2f} s  -> {nbytes / save_s / 1e9:.2f} GB/s (best of {args.repeats})")
-        print(f"raw write + fsync     {raw_s:.2f} s  -> {nbytes / raw_s / 1e9:.2f} GB/s (best of {args.repeats})")
+              f"model + Adam, {args.nproc} ranks); best of {args.repeats} for every figure")
+        print(f"checkpoint save       {save_s:.2f} s  -> {nbytes / save_s / 1e9:.2f} GB/s")
+        print(f"raw write + fsync     {raw_s:.2f} s  -> {nbytes / raw_s / 1e9:.2f} GB/s")
         print(f"ratio                 {raw_s / save_s:.2f}x of the raw write speed")
+        print(f"training step         {best['step']:.2f} s (seq {args.seq}, one micro-batch)")
+        print(f"async save            {best['async_blocking']:.2f} s blocking, then a step of "
+              f"{best['step_while_writing']:.2f} s while writing; published after {best['async_total']:.2f} s")
+        print(f"step triggering save  {100 * slowed:+.1f}% vs a plain step (async)")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

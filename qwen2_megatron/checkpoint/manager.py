@@ -1,7 +1,9 @@
 """When and where the trainer saves, and what it resumes from.
 
 Saving: every `interval` steps, at the end, and on request (a signal or a SAVE file in the run
-directory; see train/trainer.py). Resuming: `resume=auto` takes the newest complete checkpoint of
+directory; see train/trainer.py). With `async_save`, the step that saves only captures the state
+and hands the shards to megatron-core's background writer; the checkpoint is published when every
+rank's writer has finished (checked at each step by `poll`), and at most one save is in flight. Resuming: `resume=auto` takes the newest complete checkpoint of
 the run (starting fresh when there is none), reports incomplete ones, and with `fallback` skips a
 newest checkpoint whose files are damaged; `resume=<path>` loads exactly that checkpoint;
 `resume=none` starts fresh. Every decision is taken on rank 0 and broadcast, so all ranks load
@@ -10,11 +12,14 @@ the same checkpoint or none.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch.distributed as dist
+from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 
 from qwen2_megatron.checkpoint.store import CheckpointStore, checkpoint_step
 from qwen2_megatron.checkpoint.train_checkpoint import load_training, save_training
@@ -32,6 +37,7 @@ class CheckpointConfig:
     keep_last: int = 3  # complete checkpoints kept (the newest is never deleted)
     keep_every: int = 0  # also keep every checkpoint whose step is a multiple of this; 0 = none
     save_at_end: bool = True
+    async_save: bool = False  # write shards in a background process while training goes on
 
 
 class CheckpointError(RuntimeError):
@@ -45,23 +51,63 @@ class CheckpointManager:
         self.cfg, self.shape, self.layout, self.precision = cfg, shape, layout, precision
         self.store = CheckpointStore(cfg.dir)
         self.main = dist.get_rank() == 0
+        self._queue = AsyncCallsQueue() if cfg.async_save else None
 
     def due(self, step: int, last: bool) -> bool:
         return bool(self.cfg.interval and step % self.cfg.interval == 0) or (last and self.cfg.save_at_end)
 
     def save(self, step: int, chunks: list[Any], optimizer: Any, train_state: dict[str, Any]) -> Path:
-        """Collective: write, publish atomically, then apply retention."""
-        partial = self.store.partial_path(step)
+        """Collective: write, publish atomically, then apply retention. With async_save the
+        shards are still being written on return; `poll`/`wait` publish them."""
+        self.wait()
+        start = time.perf_counter()
+        partial_dir = self.store.partial_path(step)
         if self.main:
             self.store.prepare(step)
         dist.barrier()
-        save_training(partial, chunks, optimizer, self.shape, self.layout, self.precision, train_state)
-        if self.main:
-            self.store.publish(step)
-            for path in self.store.retain(self.cfg.keep_last, self.cfg.keep_every):
-                print(f"checkpoint retention: removed {path}", flush=True)
-        dist.barrier()
+        asynchronous = self._queue is not None
+        request = save_training(
+            partial_dir, chunks, optimizer, self.shape, self.layout, self.precision, train_state, asynchronous
+        )
+        publish = partial(self._publish, step, start)
+        if request is None:
+            publish()
+        else:
+            request.add_finalize_fn(publish)
+            self._queue.schedule_async_request(request)
+            if self.main:
+                print(
+                    f"checkpoint of step {step} handed to the background writer "
+                    f"in {time.perf_counter() - start:.2f} s",
+                    flush=True,
+                )
         return self.store.path(step)
+
+    def poll(self) -> None:
+        """Collective (when a save is in flight): publish a background save that has finished."""
+        if self._queue is not None and self._queue.get_num_unfinalized_calls():
+            self._queue.maybe_finalize_async_calls(blocking=False)
+
+    def wait(self) -> None:
+        """Collective: finish and publish the save in flight, if any."""
+        if self._queue is not None and self._queue.get_num_unfinalized_calls():
+            self._queue.maybe_finalize_async_calls(blocking=True)
+
+    def abort(self) -> None:
+        """Stop a background save without publishing it (after a failure elsewhere): its partial
+        directory stays behind and is reported and ignored by the next start."""
+        if self._queue is not None:
+            for call in self._queue.async_calls:
+                call.async_caller.close(abort=True)
+            self._queue.async_calls.clear()
+
+    def _publish(self, step: int, start: float) -> None:
+        if self.main:
+            path = self.store.publish(step)
+            print(f"saved checkpoint {path} in {time.perf_counter() - start:.2f} s", flush=True)
+            for old in self.store.retain(self.cfg.keep_last, self.cfg.keep_every):
+                print(f"checkpoint retention: removed {old}", flush=True)
+        dist.barrier()
 
     def resume(self, chunks: list[Any], optimizer: Any) -> dict[str, Any] | None:
         """Collective: load the checkpoint chosen by `resume`; None when starting fresh."""

@@ -56,6 +56,7 @@ class CheckpointStore:
     def publish(self, step: int) -> Path:
         """Rename the finished partial directory into place, then point `latest` at it."""
         final = self.path(step)
+        _fsync_tree(self.partial_path(step))
         if final.exists():  # the same step saved again (e.g. at the end after an interval save)
             shutil.rmtree(final)
         os.replace(self.partial_path(step), final)
@@ -108,6 +109,19 @@ def checkpoint_step(path: Path) -> int:
     if not match:
         raise ValueError(f"{path} is not a checkpoint directory name (step_NNNNNNNN)")
     return int(match.group(1))
+
+
+def _fsync_tree(root: Path) -> None:
+    """Flush every file and directory under root (the shard writers flush their own files; the
+    small ones written beside them are not), so a published checkpoint survives a power loss."""
+    for directory, _dirs, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(directory, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(directory))
 
 
 def _fsync_dir(path: Path) -> None:

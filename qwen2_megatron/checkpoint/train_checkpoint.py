@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import random
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, tensor_parallel
+from megatron.core.dist_checkpointing.strategies.async_utils import AsyncRequest
 
 from qwen2_megatron.checkpoint.model_checkpoint import (
     check_shape,
@@ -35,6 +37,9 @@ from qwen2_megatron.checkpoint.store import TRAIN_STATE
 from qwen2_megatron.model.shape import Qwen2Shape
 from qwen2_megatron.parallel.layout import ParallelLayout
 
+# megatron-core's own background writer (a forked process per save). The alternative, "nvrx",
+# needs nvidia-resiliency-ext, which has no wheel for this Python.
+ASYNC_STRATEGY = "mcore"
 OPTIMIZER_FORMAT = {"distrib_optim_sharding_type": "fully_reshardable", "chained_optim_avoid_prefix": True}
 
 
@@ -56,16 +61,40 @@ def save_training(
     layout: ParallelLayout,
     precision: str,
     train_state: dict[str, Any],
+    asynchronous: bool = False,
+) -> AsyncRequest | None:
+    """Collective. Writes into `path` (a partial directory); train_state.json is written last.
+
+    With `asynchronous`, the shards are written by megatron-core's background writer and the
+    returned request must be scheduled on an AsyncCallsQueue; its finalisation writes the
+    description files. Everything describing the step (train state, Adam's step, RNG) is
+    captured now, so training may go on while the shards are written.
+    """
+    state = {**train_state, "adam_step": _adam_step(optimizer), "world_size": dist.get_world_size()}
+    describe = partial(_write_description, path, shape, layout, precision, state)
+    request = dist_checkpointing.save(
+        _sharded_state(chunks, optimizer, is_loading=False),
+        str(path),
+        async_sharded_save=asynchronous,
+        async_strategy=ASYNC_STRATEGY,
+    )
+    (path / "rng").mkdir(exist_ok=True)  # after: megatron warns about a non-empty directory
+    torch.save(_rng_state(), path / "rng" / f"rank_{dist.get_rank():05d}.pt")
+    if request is None:
+        describe()
+        return None
+    request.add_finalize_fn(describe)
+    return request
+
+
+def _write_description(
+    path: Path, shape: Qwen2Shape, layout: ParallelLayout, precision: str, state: dict[str, Any]
 ) -> None:
-    """Collective. Writes into `path` (a partial directory); train_state.json is written last."""
-    dist_checkpointing.save(_sharded_state(chunks, optimizer, is_loading=False), str(path))
-    rank = dist.get_rank()
-    (path / "rng").mkdir(exist_ok=True)
-    torch.save(_rng_state(), path / "rng" / f"rank_{rank:05d}.pt")
+    """Collective, after every rank's shards are written: rank 0 writes the description and,
+    last, train_state.json (its presence marks the checkpoint complete)."""
     dist.barrier()
-    if rank == 0:
+    if dist.get_rank() == 0:
         write_info(path, shape, layout, precision)
-        state = {**train_state, "adam_step": _adam_step(optimizer), "world_size": dist.get_world_size()}
         tmp = path / f".{TRAIN_STATE}.tmp"
         tmp.write_text(json.dumps(state, indent=1) + "\n")
         tmp.replace(path / TRAIN_STATE)

@@ -101,6 +101,15 @@ class MixtureConfig:
         if self.num_workers < 0:
             raise DataConfigError(f"data.num_workers={self.num_workers} must be >= 0")
 
+    def check_dp_size(self, dp_size: int) -> None:
+        """The global sample order is defined over lanes, so every DP rank needs whole lanes."""
+        if self.num_lanes % dp_size:
+            raise DataConfigError(
+                f"data.num_lanes={self.num_lanes} is not a multiple of the data-parallel size "
+                f"{dp_size}: the global sample order is defined over lanes; set data.num_lanes to a "
+                f"multiple of every DP size the run may use (e.g. {self.num_lanes * dp_size})"
+            )
+
     def heldout(self) -> "MixtureConfig":
         """The evaluation mixture: the held-out documents of the same sources, one lane, in file
         order, repeating (an evaluation loop may outlast a small held-out set)."""

@@ -69,12 +69,7 @@ class MixtureDataLoader:
         config.validate()
         if seq_length < 1 or micro_batch_size < 1:
             raise DataConfigError(f"seq_length={seq_length} and micro_batch_size={micro_batch_size} must be >= 1")
-        if config.num_lanes % dp_size:
-            raise DataConfigError(
-                f"data.num_lanes={config.num_lanes} is not a multiple of the data-parallel size "
-                f"{dp_size}: the global sample order is defined over lanes; set data.num_lanes to a "
-                f"multiple of every DP size the run may use (e.g. {config.num_lanes * dp_size})"
-            )
+        config.check_dp_size(dp_size)
         if not 0 <= dp_rank < dp_size:
             raise DataConfigError(f"dp_rank={dp_rank} is outside 0..{dp_size - 1}")
         self.config, self.tokenizer, self.seq_length = config, tokenizer, seq_length

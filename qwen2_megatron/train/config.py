@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from qwen2_megatron.checkpoint.manager import CheckpointConfig
-from qwen2_megatron.data.config import MixtureConfig
+from qwen2_megatron.data.config import DataConfigError, MixtureConfig
 from qwen2_megatron.launch.config import LauncherConfig
 from qwen2_megatron.model.shape import Qwen2Shape
 from qwen2_megatron.parallel.layout import ParallelLayout
@@ -193,9 +193,8 @@ def validate(cfg: TrainerConfig, world_size: int, have_te: bool = False) -> Para
         layout.check_model(cfg.model, seq_length=stage.seq_length, have_te=have_te)
     if [s.start_step for s in t.stages] != sorted({s.start_step for s in t.stages}):
         raise ConfigError("train.stages must have increasing, distinct start_step values")
-    if cfg.data.num_lanes % layout.dp:
-        raise ConfigError(
-            f"data.num_lanes={cfg.data.num_lanes} is not a multiple of the data-parallel size "
-            f"{layout.dp}; set data.num_lanes to a multiple of every DP size the run may use"
-        )
+    try:
+        cfg.data.check_dp_size(layout.dp)
+    except DataConfigError as err:
+        raise ConfigError(str(err)) from None
     return layout

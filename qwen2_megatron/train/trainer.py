@@ -167,8 +167,10 @@ class Trainer:
     def train(self) -> list[dict[str, Any]]:
         """Run to train.steps; returns the per-step losses (for tests and the caller's summary)."""
         history = []
+        finished = False
         try:
             while self.step < self.cfg.train.steps:
+                self.checkpoints.poll()
                 self._apply_stage()
                 start = time.perf_counter()
                 result = self.train_step()
@@ -184,10 +186,15 @@ class Trainer:
                 if stop or save_now or self.checkpoints.due(self.step, last):
                     self.save()
                 if stop:
+                    self.checkpoints.wait()
                     if self.logging_rank:
                         print(f"stopping at step {self.step} on request (checkpoint saved)", flush=True)
                     break
+            self.checkpoints.wait()
+            finished = True
         finally:
+            if not finished:
+                self.checkpoints.abort()
             self.close()
         return history
 
@@ -205,9 +212,7 @@ class Trainer:
             "wandb_run_id": _read_text(self.run_dir / ID_FILE),
             "config": OmegaConf.to_yaml(OmegaConf.structured(self.cfg)),
         }
-        path = self.checkpoints.save(self.step, [c.module for c in self.model], self.optimizer, state)
-        if self.logging_rank:
-            print(f"saved checkpoint {path}", flush=True)
+        self.checkpoints.save(self.step, [c.module for c in self.model], self.optimizer, state)
 
     def _restore(self, state: dict[str, Any]) -> None:
         self.step = state["step"]
