@@ -2,6 +2,11 @@
 
 Every pass, with or without pipeline parallelism, goes through megatron-core's
 get_forward_backward_func(), so the same code serves PP=1, 1F1B and interleaved schedules.
+
+The LM loss is either megatron's (output layer, then vocab-parallel cross-entropy over the full
+logits: the default) or, with `fused_loss`, fused_loss.FusedLMLoss, which GPTModel.forward runs on
+the last pipeline stage as its output_processor: the same per-token losses and gradients without
+materialising the [tokens, vocab] logits. This is the one place where the loss path is chosen.
 """
 
 from __future__ import annotations
@@ -13,6 +18,8 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from torch import Tensor
+
+from qwen2_megatron.model.fused_loss import FusedLMLoss
 
 
 def _position_ids(tokens: Tensor) -> Tensor:
@@ -27,10 +34,15 @@ def lm_loss(loss_mask: Tensor, per_token_loss: Tensor) -> tuple[Tensor, dict[str
     return loss, {"lm loss": loss.detach().clone()}
 
 
-def _lm_step(data_iterator: Iterator[dict[str, Tensor]], model: torch.nn.Module) -> tuple[Tensor, Any]:
+def _lm_step(
+    data_iterator: Iterator[dict[str, Tensor]], model: torch.nn.Module, fused_loss: FusedLMLoss | None = None
+) -> tuple[Tensor, Any]:
     batch = next(data_iterator)
     tokens = batch["tokens"]
-    output = model(tokens, _position_ids(tokens), None, labels=batch["labels"])
+    # GPTModel calls an output_processor only on the last pipeline stage, in place of its
+    # output layer + cross-entropy; other stages return their hidden states as usual.
+    fused = {} if fused_loss is None else {"output_processor": fused_loss}
+    output = model(tokens, _position_ids(tokens), None, labels=batch["labels"], **fused)
     return output, partial(lm_loss, batch["loss_mask"])
 
 
@@ -38,16 +50,19 @@ def forward_backward(
     chunks: list[torch.nn.Module],
     micro_batches: list[dict[str, Tensor]],
     forward_only: bool = False,
+    fused_loss: FusedLMLoss | None = None,
 ) -> list[dict[str, Tensor]]:
     """Run the micro-batches (dicts of tokens, labels, loss_mask, each [b, s]) through the model.
 
     Gradients accumulate in the parameters (or megatron DDP's buffers). Returns the per-micro-batch
-    loss dicts on the last pipeline stage and an empty list elsewhere.
+    loss dicts on the last pipeline stage and an empty list elsewhere. fused_loss: compute the LM
+    loss by the fused output layer + cross-entropy (None: megatron's plain path).
     """
     first = micro_batches[0]["tokens"]
     iterators = [iter(micro_batches) for _ in chunks]
+    step = _lm_step if fused_loss is None else partial(_lm_step, fused_loss=fused_loss)
     return get_forward_backward_func()(
-        forward_step_func=_lm_step,
+        forward_step_func=step,
         data_iterator=iterators if len(chunks) > 1 else iterators[0],
         model=chunks,
         num_microbatches=len(micro_batches),

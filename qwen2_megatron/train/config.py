@@ -67,6 +67,8 @@ class TrainConfig:
     seed: int = 1234
     precision: str = "fp32"  # fp32 | bf16 (fp32 master weights) | fp8 (Transformer Engine)
     recompute: str = "none"  # none | selective (attention core) | full (whole layers)
+    fused_lm_loss: bool = False  # output layer + cross-entropy in chunks, no [tokens, vocab] logits
+    fused_lm_loss_chunk: int = 2048  # tokens per chunk of the fused LM loss (its memory: chunk x vocab/TP)
     on_nonfinite: str = "skip"  # skip the step | stop the run
     max_consecutive_skips: int = 5
     eval_interval: int = 0  # steps between evaluations; 0 = never
@@ -150,7 +152,8 @@ def validate(cfg: TrainerConfig, world_size: int, have_te: bool = False) -> Para
             raise ConfigError(f"{key}={_get(cfg, key)!r}: choose one of {list(allowed)}")
     t, o = cfg.train, cfg.optim
     for key in ("train.steps", "train.global_batch_size", "train.micro_batch_size", "train.seq_length",
-                "log.interval", "train.max_consecutive_skips", "train.eval_steps", "checkpoint.keep_last"):
+                "log.interval", "train.max_consecutive_skips", "train.eval_steps", "checkpoint.keep_last",
+                "train.fused_lm_loss_chunk"):
         if _get(cfg, key) < 1:
             raise ConfigError(f"{key}={_get(cfg, key)} must be >= 1")
     for key in ("checkpoint.interval", "checkpoint.keep_every", "train.eval_interval"):

@@ -26,6 +26,7 @@ from qwen2_megatron.data.loader import build_data_loader
 from qwen2_megatron.data.tokenizer import QwenTokenizer
 from qwen2_megatron.model.builder import build_model
 from qwen2_megatron.model.forward import forward_backward
+from qwen2_megatron.model.fused_loss import FusedLMLoss
 from qwen2_megatron.model.params import training_flops_per_token
 from qwen2_megatron.model.rope import set_rope_base
 from qwen2_megatron.model.spec import use_transformer_engine
@@ -74,6 +75,7 @@ class Trainer:
         self.model = wrap_ddp(chunks, use_distributed_optimizer=cfg.optim.distributed_optimizer)
         self.optimizer = build_optimizer(cfg.optim, cfg.train.precision, self.model)
         self.scheduler = build_scheduler(cfg.optim, cfg.train, self.optimizer)
+        self.fused_loss = FusedLMLoss(cfg.train.fused_lm_loss_chunk) if cfg.train.fused_lm_loss else None
 
         self.tokenizer = QwenTokenizer(cfg.data.tokenizer)
         self.dp_rank = parallel_state.get_data_parallel_rank()
@@ -122,7 +124,7 @@ class Trainer:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
         batches = self._micro_batches(self.loader)
-        losses = forward_backward(self.model, batches)
+        losses = forward_backward(self.model, batches, fused_loss=self.fused_loss)
         loss = self._global_mean([d["lm loss"] for d in losses])
         stepped, grad_norm = guarded_step(self.optimizer)
         self.last_grad_norm = grad_norm
@@ -299,7 +301,9 @@ class Trainer:
             chunk.eval()
         values: list[torch.Tensor] = []
         for _ in range(self.cfg.train.eval_steps):
-            out = forward_backward(self.model, self._micro_batches(self.eval_loader), forward_only=True)
+            out = forward_backward(
+                self.model, self._micro_batches(self.eval_loader), forward_only=True, fused_loss=self.fused_loss
+            )
             values += [d["lm loss"] for d in out]
         for chunk in self.model:
             chunk.train()
