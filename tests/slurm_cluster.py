@@ -16,6 +16,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from qwen2_megatron.parallel.local_launch import free_port
+from tests.processes import stop_process
+
 PACKAGES = ("slurm-wlm", "munge")
 DAEMONS = ("munged", "slurmctld", "slurmd")
 _SBIN = Path("/usr/sbin")
@@ -50,12 +53,6 @@ KillWait=30
 NodeName={host} NodeAddr=127.0.0.1 CPUs={cpus} State=UNKNOWN
 PartitionName={partition} Nodes={host} Default=YES MaxTime=INFINITE State=UP
 """
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def installed() -> bool:
@@ -99,7 +96,7 @@ class LocalSlurm:
         key.chmod(0o600)
         host = socket.gethostname().split(".")[0]
         (self.root / "slurm.conf").write_text(SLURM_CONF.format(
-            host=host, root=self.root, ctld_port=_free_port(), slurmd_port=_free_port(),
+            host=host, root=self.root, ctld_port=free_port(), slurmd_port=free_port(),
             cpus=self.cpus, partition=self.partition,
         ))
         munge = [
@@ -144,11 +141,6 @@ class LocalSlurm:
                 self._wait(lambda: not self.jobs(), "the jobs to end")
         finally:
             for proc in reversed(self.procs):
-                proc.terminate()
-                try:
-                    proc.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+                stop_process(proc, 30)
         self.procs.clear()
 

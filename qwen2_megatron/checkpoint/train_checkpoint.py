@@ -17,7 +17,6 @@ import json
 import random
 from dataclasses import asdict
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -26,6 +25,7 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing, tensor_parallel
 from megatron.core.dist_checkpointing.strategies.async_utils import AsyncRequest
 
+from qwen2_megatron.checkpoint.location import Location, torch_load_weights, torch_save, write_text_atomic
 from qwen2_megatron.checkpoint.model_checkpoint import (
     check_shape,
     read_info,
@@ -54,7 +54,7 @@ def _sharded_state(chunks: list[torch.nn.Module], optimizer: Any, is_loading: bo
 
 
 def save_training(
-    path: Path,
+    path: Location,
     chunks: list[torch.nn.Module],
     optimizer: Any,
     shape: Qwen2Shape,
@@ -79,7 +79,7 @@ def save_training(
         async_strategy=ASYNC_STRATEGY,
     )
     (path / "rng").mkdir(exist_ok=True)  # after: megatron warns about a non-empty directory
-    torch.save(_rng_state(), path / "rng" / f"rank_{dist.get_rank():05d}.pt")
+    torch_save(_rng_state(), path / "rng" / f"rank_{dist.get_rank():05d}.pt")
     if request is None:
         describe()
         return None
@@ -88,21 +88,19 @@ def save_training(
 
 
 def _write_description(
-    path: Path, shape: Qwen2Shape, layout: ParallelLayout, precision: str, state: dict[str, Any]
+    path: Location, shape: Qwen2Shape, layout: ParallelLayout, precision: str, state: dict[str, Any]
 ) -> None:
     """Collective, after every rank's shards are written: rank 0 writes the description and,
     last, train_state.json (its presence marks the checkpoint complete)."""
     dist.barrier()
     if dist.get_rank() == 0:
         write_info(path, shape, layout, precision)
-        tmp = path / f".{TRAIN_STATE}.tmp"
-        tmp.write_text(json.dumps(state, indent=1) + "\n")
-        tmp.replace(path / TRAIN_STATE)
+        write_text_atomic(path / TRAIN_STATE, json.dumps(state, indent=1) + "\n")
     dist.barrier()
 
 
 def load_training(
-    path: Path,
+    path: Location,
     chunks: list[torch.nn.Module],
     optimizer: Any,
     shape: Qwen2Shape,
@@ -129,8 +127,9 @@ def load_training(
     _set_adam_step(optimizer, train_state["adam_step"])
     same_layout = read_info(path)["layout"] == asdict(layout) and train_state["world_size"] == dist.get_world_size()
     if same_layout:
-        _set_rng_state(torch.load(path / "rng" / f"rank_{dist.get_rank():05d}.pt", weights_only=True))
+        _set_rng_state(torch_load_weights(path / "rng" / f"rank_{dist.get_rank():05d}.pt"))
     train_state["rng_restored"] = same_layout
+    dist.barrier()  # megatron's load does not wait for the other ranks' reads to finish
     return train_state
 
 

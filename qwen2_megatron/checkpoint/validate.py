@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import io
 import pickle
-from pathlib import Path
 from typing import Any
 
+from qwen2_megatron.checkpoint.location import Location
 from qwen2_megatron.checkpoint.store import TRAIN_STATE
 
 _ALLOWED = {
@@ -51,7 +51,7 @@ class _IndexUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
-def read_index(path: Path) -> Any:
+def read_index(path: Location) -> Any:
     """The torch_dist index of a checkpoint, unpickled with the allow-list."""
     index = path / ".metadata"
     if not index.is_file():
@@ -67,7 +67,7 @@ def read_index(path: Path) -> Any:
         raise IncompleteCheckpointError(f"{index} is corrupt ({err})") from None
 
 
-def check_files(path: Path, training: bool = True) -> None:
+def check_files(path: Location, training: bool = True) -> None:
     """Raise if a file the checkpoint needs is missing, truncated or unsafe to unpickle."""
     needed = ["metadata.json", "qwen2_megatron.json"] + ([TRAIN_STATE] if training else [])
     for name in needed:

@@ -10,15 +10,15 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
+from qwen2_megatron.checkpoint.location import Location, location
 from qwen2_megatron.checkpoint.model_checkpoint import read_info
 from qwen2_megatron.checkpoint.store import TRAIN_STATE, CheckpointStore
 from qwen2_megatron.checkpoint.validate import IncompleteCheckpointError, UnsafeCheckpointError, check_files
 from qwen2_megatron.cli.common import fail
 
 
-def describe(path: Path) -> dict:
+def describe(path: Location) -> dict:
     """What a checkpoint holds and whether it is complete and loadable."""
     info = read_info(path)
     state_file = path / TRAIN_STATE
@@ -49,8 +49,8 @@ def describe(path: Path) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="qwen2-checkpoint", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("inspect", help="one checkpoint in detail").add_argument("path", type=Path)
-    sub.add_parser("list", help="the checkpoints of a checkpoint directory").add_argument("dir", type=Path)
+    sub.add_parser("inspect", help="one checkpoint in detail").add_argument("path", type=location)
+    sub.add_parser("list", help="the checkpoints of a checkpoint directory").add_argument("dir")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     args = parser.parse_args(argv)
     try:
