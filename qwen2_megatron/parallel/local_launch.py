@@ -3,6 +3,11 @@
 torchrun remains the launcher for training jobs; this is for programs that need a few ranks on
 one machine and a return value from each (checkpoint conversion, parity checks). Children are
 started with the "spawn" method, so `fn` must be importable (a module-level function).
+
+As under torchrun, each rank runs in a session of its own, and when a rank fails or dies the
+launcher stops the others (after a grace period) by killing each rank's whole process group: the
+survivors may be waiting forever on a collective, and what a rank started (data workers,
+checkpoint writers) would otherwise outlive a rank killed from outside (kill -9, the OOM killer).
 """
 
 from __future__ import annotations
@@ -39,36 +44,86 @@ def spawn(fn: Callable[..., Any], nprocs: int, *args: Any, timeout_s: float = 18
         ctx.Process(target=_entry, args=(fn, rank, nprocs, port, results, args))
         for rank in range(nprocs)
     ]
-    for proc in procs:
-        proc.start()
-    forwarded = _forward_signals(procs)
+    forwarded: dict[int, Any] = {}
     collected: dict[int, Any] = {}
     error = ""
-    deadline = time.monotonic() + timeout_s
-    while len(collected) < nprocs and not error:
+    finished = False
+    signalled: dict[int, int] = {}
+    try:
+        for proc in procs:
+            proc.start()
+        forwarded = _forward_signals(procs)
+        deadline = time.monotonic() + timeout_s
+        while len(collected) < nprocs and not error:
+            try:
+                rank, ok, value = results.get(timeout=1.0)
+            except queue.Empty:
+                dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0) and r not in collected]
+                if dead:
+                    error = _death(dead[0], procs[dead[0]].exitcode)
+                elif time.monotonic() > deadline:
+                    error = f"timed out after {timeout_s:.0f} s waiting for ranks"
+                continue
+            if ok:
+                collected[rank] = pickle.loads(value)
+            else:
+                error = f"rank {rank} failed:\n{value}"
+        finished = not error
+    except KeyboardInterrupt:
+        _signal_ranks(procs, signal.SIGINT)  # the ranks are not in the terminal's process group
+        raise
+    finally:
+        if finished:
+            for proc in procs:
+                proc.join()
+        else:  # a failure or an interrupt: the others may wait forever on a collective
+            signalled = _stop(procs, set(collected), grace_s=5.0)
+        for sig, handler in forwarded.items():
+            signal.signal(sig, handler)
+    if error:
+        # The first error is often a survivor's broken connection; name a rank killed from outside.
+        causes = [_death(rank, code) for rank, code in signalled.items() if _death(rank, code) not in error]
+        raise WorkerError("\n".join([error, *causes]))
+    return [collected[rank] for rank in range(nprocs)]
+
+
+def _signal_ranks(procs: list[Any], signum: int) -> None:
+    for proc in procs:
+        if proc.pid is not None and proc.is_alive():
+            os.kill(proc.pid, signum)
+
+
+def _death(rank: int, exitcode: int) -> str:
+    if exitcode >= 0:
+        return f"rank {rank} died with exit code {exitcode}"
+    try:
+        name = signal.Signals(-exitcode).name
+    except ValueError:
+        name = f"signal {-exitcode}"
+    return f"rank {rank} died with exit code {exitcode} (killed by {name})"
+
+
+def _stop(procs: list[Any], done: set[int], grace_s: float) -> dict[int, int]:
+    """Give the ranks grace_s to exit, then SIGKILL each rank's process group (the rank and all
+    it started, even after the rank itself died), like torchrun; ranks in `done` (which returned
+    a result) only if still running. Returns {rank: exit code} of the ranks that had been killed
+    by a signal before that."""
+    deadline = time.monotonic() + grace_s
+    for proc in procs:
+        if proc.pid is not None:
+            proc.join(timeout=max(deadline - time.monotonic(), 0.0))
+    signalled = {rank: proc.exitcode for rank, proc in enumerate(procs) if (proc.exitcode or 0) < 0}
+    for rank, proc in enumerate(procs):
+        if proc.pid is None or (rank in done and not proc.is_alive()):
+            continue  # a rank that ended well long ago: its pid may name another group by now
         try:
-            rank, ok, value = results.get(timeout=1.0)
-        except queue.Empty:
-            dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0) and r not in collected]
-            if dead:
-                error = f"rank {dead[0]} died with exit code {procs[dead[0]].exitcode}"
-            elif time.monotonic() > deadline:
-                error = f"timed out after {timeout_s:.0f} s waiting for ranks"
-            continue
-        if ok:
-            collected[rank] = pickle.loads(value)
-        else:
-            error = f"rank {rank} failed:\n{value}"
-    for proc in procs:  # after a failure the other ranks may wait forever on a collective
-        proc.join(timeout=None if not error else 5)
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):  # no group left (or the rank never got to setsid)
+            pass
         if proc.is_alive():
             proc.kill()
-            proc.join()
-    for sig, handler in forwarded.items():
-        signal.signal(sig, handler)
-    if error:
-        raise WorkerError(error)
-    return [collected[rank] for rank in range(nprocs)]
+        proc.join()
+    return signalled
 
 
 def _forward_signals(procs: list[Any]) -> dict[int, Any]:
@@ -85,6 +140,8 @@ def _forward_signals(procs: list[Any]) -> dict[int, Any]:
 
 
 def _entry(fn: Callable[..., Any], rank: int, world: int, port: int, results: Any, args: tuple) -> None:
+    if hasattr(os, "setsid"):
+        os.setsid()  # a process group of its own, which _stop can kill as a whole (torchrun does the same)
     os.environ.update(
         RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
