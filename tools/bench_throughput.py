@@ -26,8 +26,9 @@ data loading is not measured. Defaults: bf16 and torch.compile on GPU; fp32 and 
 
 Levers of our stack go through generic overrides, so fields added later work unchanged:
 --override SECTION.FIELD=VALUE sets any TrainerConfig field (train.recompute=selective,
-train.fused_lm_loss=true, optim.distributed_optimizer=false, model.num_experts=16, or a field
-another change adds; --recompute and --fused-loss are shorthands), and
+train.fused_lm_loss=true, optim.distributed_optimizer=false, model.num_experts=16,
+train.liger_kernels=[rms_norm,swiglu,rope], train.compile=layers, or a field another change adds;
+--recompute and --fused-loss are shorthands), and
 --mcore FIELD=VALUE adds a megatron-core TransformerConfig field to the Trainer's build_model
 call (e.g. cross_entropy_loss_fusion=true). An unknown --override key fails before anything runs.
 

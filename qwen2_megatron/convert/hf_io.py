@@ -104,7 +104,7 @@ def load_hf_weights(chunks: list[torch.nn.Module], ckpt: HFCheckpoint) -> None:
         for m in param_mappings(chunk, ckpt.shape):
             local = to_megatron(m, [ckpt.get(n) for n in m.hf_names], ckpt.shape)
             with torch.no_grad():
-                m.param.copy_(local)
+                m.local(m.param).copy_(local)
 
 
 def gather_hf_state(
@@ -131,10 +131,10 @@ def gather_hf_state(
 
 def _local_value(m: ParamMapping, grads: bool) -> Tensor:
     if not grads:
-        return m.param.detach()
+        return m.local(m.param.detach())
     grad = getattr(m.param, "main_grad", None)
     grad = m.param.grad if grad is None else grad
-    return torch.zeros_like(m.param) if grad is None else grad.detach()
+    return m.local(torch.zeros_like(m.param) if grad is None else grad.detach())
 
 
 def _gather_tp(local: Tensor, m: ParamMapping) -> list[Tensor]:

@@ -10,6 +10,11 @@ and split over tensor-parallel ranks:
 - qkv: Q, K and V interleaved per query group (each group's Q heads, then its K head, then its V
   head), then split by groups;
 - gate_up: gate and up projections each split over TP, and each rank holds [gate_r; up_r].
+
+Routed experts are either one parameter per expert (megatron's SequentialMLP:
+mlp.experts.local_experts.N.linear_fc1.weight) or one stacked parameter per projection
+(grouped_experts.GroupedExperts: mlp.experts.linear_fc1.weight [local experts, ...]); a stacked
+parameter yields one mapping per expert, whose `index` selects the expert's slice.
 """
 
 from __future__ import annotations
@@ -37,6 +42,11 @@ class ParamMapping:
     tp_rank: int
     tp_size: int
     expert: bool  # split over the expert-TP group (routed experts) instead of the TP group
+    index: int | None = None  # stacked (grouped) expert weights: this expert's slice of param
+
+    def local(self, tensor: Tensor) -> Tensor:
+        """This mapping's part of `tensor` (the parameter, or its gradient)."""
+        return tensor if self.index is None else tensor[self.index]
 
 
 _ATTENTION: tuple[tuple[str, tuple[str, ...], Kind], ...] = (
@@ -94,6 +104,12 @@ def param_mappings(chunk: torch.nn.Module, shape: Qwen2Shape) -> Iterator[ParamM
                 _, hf, kind = next(row for row in _EXPERT if row[0] == expert_suffix)
                 hf_names = tuple(f"{prefix}mlp.experts.{expert}.{n}" for n in hf)
                 yield ParamMapping(name, param, hf_names, kind, etp_rank, etp_size, True)
+            elif suffix.startswith("mlp.experts.linear_fc"):  # grouped: [local experts, ...]
+                _, hf, kind = next(row for row in _EXPERT if row[0] == suffix[len("mlp.experts.") :])
+                for local_expert in range(param.shape[0]):
+                    expert = first_expert + local_expert
+                    hf_names = tuple(f"{prefix}mlp.experts.{expert}.{n}" for n in hf)
+                    yield ParamMapping(name, param, hf_names, kind, etp_rank, etp_size, True, local_expert)
             elif suffix in by_suffix:
                 _, hf, kind = by_suffix[suffix]
                 yield ParamMapping(name, param, tuple(prefix + n for n in hf), kind, tp_rank, tp_size, False)

@@ -17,6 +17,8 @@ from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from qwen2_megatron.model.fast_paths import FastPaths, compile_decoder_layers
+from qwen2_megatron.model.grouped_experts import use_grouped_experts
 from qwen2_megatron.model.shape import Qwen2Shape
 from qwen2_megatron.model.spec import decoder_block_spec, use_transformer_engine
 from qwen2_megatron.parallel.layout import ParallelLayout
@@ -103,22 +105,33 @@ def build_model(
     precision: Precision = "fp32",
     parallel_output: bool = True,
     local_spec: bool = False,
+    moe_grouped_gemm: bool = False,
+    fast: FastPaths | None = None,
     **overrides: Any,
 ) -> list[GPTModel]:
     """This rank's model chunks (one per virtual pipeline stage) on its device.
 
     Needs an initialised runtime (parallel.runtime.init_runtime) with the same layout.
     parallel_output=False gathers the vocabulary-parallel logits (for inference and parity checks).
+    moe_grouped_gemm=True runs the routed experts of the local (no Transformer Engine) spec as
+    grouped GEMMs (grouped_experts.py) instead of megatron's per-expert loop; with Transformer
+    Engine they are always TE's grouped GEMMs. Checkpoints are interchangeable between the two.
+    fast: optional fast paths of the local layers (Liger kernels, compiled layers; fast_paths.py).
     """
     config = transformer_config(shape, layout, precision, local_spec, **overrides)
     te = use_transformer_engine() and not local_spec
+    grouped = moe_grouped_gemm and shape.is_moe and not te
+    fast = (fast or FastPaths()).resolve(te)
     vpp = config.virtual_pipeline_model_parallel_size
     chunks = []
     for chunk in range(vpp or 1):
         vp_stage = chunk if vpp else None
+        block = decoder_block_spec(config, vp_stage, te, fast.liger)
+        if grouped:
+            use_grouped_experts(block)
         model = GPTModel(
             config=config,
-            transformer_layer_spec=decoder_block_spec(config, vp_stage, te),
+            transformer_layer_spec=block,
             vocab_size=shape.vocab_size,
             max_sequence_length=shape.max_position_embeddings,
             pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
@@ -132,6 +145,8 @@ def build_model(
         if torch.cuda.is_available():
             model.cuda(torch.cuda.current_device())
         _mark_routed_experts(model)
+        if fast.compile == "layers":
+            compile_decoder_layers(model)
         chunks.append(model)
     return chunks
 

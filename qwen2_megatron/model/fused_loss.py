@@ -248,6 +248,10 @@ class FusedLMLoss:
             raise NotImplementedError(
                 f"the fused LM loss replaces megatron's ColumnParallelLinear without bias, not {output_layer}"
             )
+        # The output layer's forward is bypassed: run its forward pre-hooks, which is where
+        # megatron's DDP waits for the overlapped all-gather of its weight (ddp.overlap_param_gather).
+        for hook in output_layer._forward_pre_hooks.values():
+            hook(output_layer, (hidden_states,))
         weight = output_layer.weight if output_weight is None else output_weight
         loss = fused_linear_cross_entropy(
             hidden_states,

@@ -3,19 +3,31 @@
 This is the single place where megatron-core's layer specs are extended. With Transformer Engine
 importable and a GPU present, megatron-core's TE spec is used unchanged. Otherwise megatron-core's
 local spec is taken and two submodules are swapped (local_modules.py): the attention core for a
-fused SDPA one and the norms for an RMSNorm that supports sequence parallelism.
+fused SDPA one and the norms for an RMSNorm that supports sequence parallelism. `liger` names the
+Liger fast paths to swap in on top (train.liger_kernels: "rms_norm", "swiglu", "rope"; dense MLPs
+only for "swiglu"), each a subclass with the same parameters.
 """
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from megatron.core.extensions.transformer_engine import HAVE_TE
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+from megatron.core.transformer.attention import SelfAttention
+from megatron.core.transformer.mlp import MLP
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from qwen2_megatron.model.local_modules import Qwen2RMSNorm, SDPAttention
+from qwen2_megatron.model.local_modules import (
+    LigerRMSNorm,
+    LigerRopeSelfAttention,
+    LigerSwiGLUMLP,
+    Qwen2RMSNorm,
+    SDPAttention,
+)
 
 
 def use_transformer_engine() -> bool:
@@ -24,21 +36,30 @@ def use_transformer_engine() -> bool:
 
 
 def decoder_block_spec(
-    config: TransformerConfig, vp_stage: int | None, te: bool
+    config: TransformerConfig, vp_stage: int | None, te: bool, liger: tuple[str, ...] = ()
 ) -> TransformerBlockSubmodules:
-    """The layers of this pipeline (virtual) stage, dense or MoE per config.moe_layer_freq."""
+    """The layers of this pipeline (virtual) stage, dense or MoE per config.moe_layer_freq.
+
+    liger: Liger kernels to use in the local spec (ignored with Transformer Engine's layers).
+    """
     block = get_gpt_decoder_block_spec(
         config, use_transformer_engine=te, normalization="RMSNorm", vp_stage=vp_stage
     )
     if not te:
+        norm = LigerRMSNorm if "rms_norm" in liger else Qwen2RMSNorm
         for layer in {id(spec): spec for spec in block.layer_specs}.values():
-            _swap_local_modules(layer)
-        block.layer_norm = Qwen2RMSNorm
+            _swap_local_modules(layer, norm, liger)
+        block.layer_norm = norm
     return block
 
 
-def _swap_local_modules(layer: ModuleSpec) -> None:
+def _swap_local_modules(layer: ModuleSpec, norm: type, liger: tuple[str, ...]) -> None:
     sub = layer.submodules
-    sub.input_layernorm = Qwen2RMSNorm
-    sub.pre_mlp_layernorm = Qwen2RMSNorm
+    sub.input_layernorm = norm
+    sub.pre_mlp_layernorm = norm
     sub.self_attention.submodules.core_attention = SDPAttention
+    if "rope" in liger and sub.self_attention.module is SelfAttention:
+        sub.self_attention.module = LigerRopeSelfAttention
+    mlp = sub.mlp
+    if "swiglu" in liger and isinstance(mlp, partial) and getattr(mlp.func, "__self__", None) is MLP:
+        sub.mlp = partial(LigerSwiGLUMLP.as_mlp_submodule, *mlp.args, **mlp.keywords)

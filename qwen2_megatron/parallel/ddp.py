@@ -4,6 +4,19 @@ megatron's DDP keeps gradients in contiguous buffers (param.main_grad) and reduc
 data-parallel group; finalize_model_grads, called by the pipeline schedules at the end of a
 step, also all-reduces the sequence-parallel norm gradients over TP and the tied embedding /
 output-layer gradients between the first and last pipeline stages.
+
+Communication overlap (the trainer's `ddp` section), wired as Megatron-LM's training loop does:
+- overlap_grad_reduce: each bucket's reduce(-scatter) starts asynchronously as soon as its
+  gradients of the last micro-batch are ready; the schedules run the other micro-batches under
+  config.no_sync_func, start a chunk's remaining buckets with config.grad_sync_func, and
+  finalize_model_grads waits for all of them.
+- overlap_param_gather (distributed optimizer only): the optimizer step updates only this rank's
+  shard; the all-gather of the updated parameters is started bucket by bucket in forward
+  pre-hooks of the next forward pass. Until then other ranks' shards are stale in this rank's
+  parameters, so whatever reads parameters outside a forward pass (checkpoint saves, export)
+  must call sync_params() first. megatron puts a pre-hook on every module; inside a compiled
+  module (train.compile) each would break the graph, so a compiled module gets one eager hook
+  that waits for all its parameters instead.
 """
 
 from __future__ import annotations
@@ -15,11 +28,27 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 def wrap_ddp(
     chunks: list[torch.nn.Module],
     use_distributed_optimizer: bool = False,
+    overlap_grad_reduce: bool = False,
+    overlap_param_gather: bool = False,
+    bucket_size: int | None = None,
+    average_in_collective: bool = False,
 ) -> list[DistributedDataParallel]:
-    """One DDP wrapper per chunk; gradients are kept and reduced in fp32."""
+    """One DDP wrapper per chunk; gradients are kept and reduced in fp32.
+
+    overlap_param_gather applies only with the distributed optimizer (it is ignored otherwise).
+    bucket_size: parameters per gradient bucket (None: megatron's default, max(40M, 1M x DP);
+    without overlap_grad_reduce everything is one bucket). average_in_collective divides by the
+    data-parallel size inside the collective (ReduceOp.AVG, NCCL only) instead of before it.
+    """
+    if average_in_collective and "nccl" not in str(torch.distributed.get_backend()):
+        raise ValueError("ddp.average_in_collective needs NCCL (ReduceOp.AVG); gloo cannot average")
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         use_distributed_optimizer=use_distributed_optimizer,
+        overlap_grad_reduce=overlap_grad_reduce,
+        overlap_param_gather=overlap_param_gather and use_distributed_optimizer,
+        bucket_size=bucket_size,
+        average_in_collective=average_in_collective,
     )
     wrapped = [
         DistributedDataParallel(
@@ -31,5 +60,52 @@ def wrap_ddp(
         )
         for i, chunk in enumerate(chunks)
     ]
-    chunks[0].config.finalize_model_grads_func = finalize_model_grads
+    config = chunks[0].config  # one TransformerConfig shared by all chunks of a model
+
+    def per_chunk(method: str) -> object:
+        fns = [getattr(chunk, method) for chunk in wrapped]
+        return fns[0] if len(fns) == 1 else fns
+
+    for chunk in wrapped:
+        _one_wait_per_compiled_module(chunk)
+    if ddp_config.overlap_grad_reduce:
+        config.no_sync_func = per_chunk("no_sync")
+        config.grad_sync_func = per_chunk("start_grad_sync")  # Megatron-LM's align_grad_reduce
+    config.finalize_model_grads_func = finalize_model_grads
     return wrapped
+
+
+def sync_params(chunks: list[DistributedDataParallel]) -> None:
+    """Complete every parameter on every rank now if the all-gather after the optimizer step
+    is overlapped with the next forward pass (a no-op otherwise). Collective."""
+    for chunk in chunks:
+        if chunk.ddp_config.overlap_param_gather:
+            chunk.start_param_sync(force_sync=True)
+
+
+class _NoHook:
+    def remove(self) -> None:
+        pass
+
+
+def _one_wait_per_compiled_module(ddp: DistributedDataParallel) -> None:
+    """Replace DDP's param-gather pre-hooks inside each torch.compile'd module by one eager
+    (not traced) pre-hook on that module that finishes the all-gathers of all its parameters."""
+    if not ddp.use_forward_hook:
+        return
+    handles = ddp.remove_forward_pre_hook_handles
+    for module in ddp.module.modules():
+        if getattr(module, "_compiled_call_impl", None) is None or isinstance(handles.get(module), _NoHook):
+            continue
+        for sub in module.modules():
+            handles[sub].remove()
+            handles[sub] = _NoHook()
+        params = [p for p in module.parameters() if p in ddp.param_to_bucket_group]
+
+        @torch.compiler.disable
+        def wait(_module: torch.nn.Module, *_: object, params: list = params) -> None:
+            skip_next = ddp.ddp_config.align_param_gather or ddp.overlap_param_gather_with_optimizer_step
+            for param in params:
+                ddp.param_to_bucket_group[param].finish_param_sync(skip_next_bucket_dispatch=skip_next)
+
+        handles[module] = module.register_forward_pre_hook(wait)

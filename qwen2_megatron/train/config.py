@@ -74,7 +74,26 @@ class TrainConfig:
     eval_interval: int = 0  # steps between evaluations; 0 = never
     eval_steps: int = 4  # global batches per evaluation
     init_from: str | None = None  # model weights to start from (a qwen2-convert checkpoint)
+    moe_grouped_gemm: bool = False  # routed experts as grouped GEMMs without Transformer Engine
+    # Fast paths of the local (no Transformer Engine) layers; each computes the same function:
+    liger_kernels: list[str] = field(default_factory=list)  # Liger's fused rms_norm, swiglu, rope (GPU)
+    compile: str = "none"  # none | layers (torch.compile every dense decoder layer)
     stages: list[StageConfig] = field(default_factory=list)
+
+
+@dataclass
+class DDPConfig:
+    """Data-parallel gradient reduction and parameter all-gather (megatron-core's DDP).
+
+    Every switch computes the same update as with it off (parallel/ddp.py). Megatron-LM
+    recommends both overlaps on multi-GPU runs (conf/experiment recipes may set them); they stay off
+    by default until a GPU run has measured them against the synchronous path.
+    """
+
+    overlap_grad_reduce: bool = False  # reduce gradient buckets during the backward pass
+    overlap_param_gather: bool = False  # all-gather updated params during the next forward (distributed optimizer)
+    bucket_size: int | None = None  # parameters per bucket; None: max(40M, 1M x data-parallel size)
+    average_in_collective: bool = False  # average inside the collective (ReduceOp.AVG: NCCL only)
 
 
 @dataclass
@@ -107,6 +126,7 @@ class TrainerConfig:
     model: Qwen2Shape = field(default_factory=lambda: _tiny())
     parallel: ParallelLayout = field(default_factory=ParallelLayout)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    ddp: DDPConfig = field(default_factory=DDPConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: MixtureConfig = field(default_factory=MixtureConfig)
     log: LogConfig = field(default_factory=LogConfig)
@@ -126,6 +146,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "optim.wsd_decay_style": ("linear", "cosine", "exponential", "minus_sqrt"),
     "train.precision": ("fp32", "bf16", "fp8"),
     "train.recompute": ("none", "selective", "full"),
+    "train.compile": ("none", "layers"),
     "train.on_nonfinite": ("skip", "stop"),
     "log.wandb.mode": ("online", "offline", "disabled"),
 }
@@ -171,9 +192,12 @@ def validate(cfg: TrainerConfig, world_size: int, have_te: bool = False) -> Para
         raise ConfigError(f"optim.wsd_decay_steps={o.wsd_decay_steps} is longer than the steps after warm-up")
     if t.precision == "fp8" and not have_te:
         raise ConfigError("train.precision=fp8 needs Transformer Engine on a GPU; use bf16 or install it")
+    if cfg.ddp.bucket_size is not None and cfg.ddp.bucket_size < 1:
+        raise ConfigError(f"ddp.bucket_size={cfg.ddp.bucket_size} must be >= 1 (or null for megatron's default)")
     if cfg.log.peak_tflops is not None and cfg.log.peak_tflops <= 0:
         raise ConfigError(f"log.peak_tflops={cfg.log.peak_tflops} must be positive (or null)")
     layout = cfg.parallel.resolve(world_size)
+    _check_fast_paths(t, layout)
     longest = max([t.seq_length] + [s.seq_length for s in t.stages])
     layout.check_model(cfg.model, seq_length=longest, have_te=have_te)
     per_step = t.micro_batch_size * layout.dp
@@ -201,3 +225,25 @@ def validate(cfg: TrainerConfig, world_size: int, have_te: bool = False) -> Para
     except DataConfigError as err:
         raise ConfigError(str(err)) from None
     return layout
+
+
+def _check_fast_paths(t: TrainConfig, layout: ParallelLayout) -> None:
+    from qwen2_megatron.model import liger
+
+    kernels = list(t.liger_kernels)
+    unknown = [k for k in kernels if k not in liger.KERNELS]
+    if unknown or len(set(kernels)) != len(kernels):
+        raise ConfigError(f"train.liger_kernels={kernels}: distinct names from {list(liger.KERNELS)}")
+    if kernels and not liger.available():
+        raise ConfigError(f"train.liger_kernels={kernels} needs the liger-kernel package: {liger.INSTALL_HINT}")
+    if t.compile == "none":
+        return
+    if kernels:
+        raise ConfigError("train.compile=layers and train.liger_kernels are alternatives (inductor fuses the "
+                          "norms, SwiGLU and RoPE itself); set train.liger_kernels=[] or train.compile=none")
+    if layout.tp > 1:
+        raise ConfigError(f"train.compile=layers supports tensor parallel size 1 only (tp={layout.tp}): the "
+                          "asynchronous collectives of megatron's tensor-parallel linears break the compiled graphs")
+    if t.recompute == "selective":
+        raise ConfigError("train.compile=layers does not combine with train.recompute=selective (the attention "
+                          "checkpoint breaks the compiled graph); use recompute=none or full")

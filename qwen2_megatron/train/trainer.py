@@ -25,12 +25,13 @@ from qwen2_megatron.checkpoint.model_checkpoint import load_model
 from qwen2_megatron.data.loader import build_data_loader
 from qwen2_megatron.data.tokenizer import QwenTokenizer
 from qwen2_megatron.model.builder import build_model
+from qwen2_megatron.model.fast_paths import FastPaths
 from qwen2_megatron.model.forward import forward_backward
 from qwen2_megatron.model.fused_loss import FusedLMLoss
 from qwen2_megatron.model.params import training_flops_per_token
 from qwen2_megatron.model.rope import set_rope_base
 from qwen2_megatron.model.spec import use_transformer_engine
-from qwen2_megatron.parallel.ddp import wrap_ddp
+from qwen2_megatron.parallel.ddp import sync_params, wrap_ddp
 from qwen2_megatron.parallel.runtime import init_runtime, process_env
 from qwen2_megatron.train.config import StageConfig, TrainerConfig, num_microbatches, validate
 from qwen2_megatron.train.metrics import MetricsLog, device_peak_tflops
@@ -69,10 +70,18 @@ class Trainer:
         dist.barrier()
 
         fp8 = {"fp8": "hybrid"} if cfg.train.precision == "fp8" else {}
-        chunks = build_model(cfg.model, layout, _param_precision(cfg), **_RECOMPUTE[cfg.train.recompute], **fp8)
+        chunks = build_model(
+            cfg.model, layout, _param_precision(cfg), moe_grouped_gemm=cfg.train.moe_grouped_gemm,
+            fast=FastPaths(tuple(cfg.train.liger_kernels), cfg.train.compile),
+            **_RECOMPUTE[cfg.train.recompute], **fp8,
+        )
         if cfg.train.init_from:
             load_model(chunks, cfg.train.init_from, cfg.model)
-        self.model = wrap_ddp(chunks, use_distributed_optimizer=cfg.optim.distributed_optimizer)
+        self.model = wrap_ddp(
+            chunks, use_distributed_optimizer=cfg.optim.distributed_optimizer,
+            overlap_grad_reduce=cfg.ddp.overlap_grad_reduce, overlap_param_gather=cfg.ddp.overlap_param_gather,
+            bucket_size=cfg.ddp.bucket_size, average_in_collective=cfg.ddp.average_in_collective,
+        )
         self.optimizer = build_optimizer(cfg.optim, cfg.train.precision, self.model)
         self.scheduler = build_scheduler(cfg.optim, cfg.train, self.optimizer)
         self.fused_loss = FusedLMLoss(cfg.train.fused_lm_loss_chunk) if cfg.train.fused_lm_loss else None
@@ -193,6 +202,7 @@ class Trainer:
                         print(f"stopping at step {self.step} on request (checkpoint saved)", flush=True)
                     break
             self.checkpoints.wait()
+            sync_params(self.model)  # parameters whole on every rank for whoever reads them next
             finished = True
         finally:
             if not finished:
@@ -204,6 +214,7 @@ class Trainer:
 
     def save(self) -> None:
         """Collective: a full checkpoint of the current step."""
+        sync_params(self.model)  # an overlapped all-gather may not have run since the last step
         state = {
             "step": self.step,
             "consumed_tokens": self.consumed_tokens,

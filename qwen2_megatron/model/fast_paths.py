@@ -1,0 +1,116 @@
+"""Optional fast paths of the local layer spec, chosen by train.liger_kernels and train.compile.
+
+- Liger kernels (liger.py, the optional `liger-kernel` package): fused RMSNorm, SwiGLU and RoPE
+  modules swapped into the layer spec (spec.py), each computing the plain path's function.
+- torch.compile of the decoder layers ("layers"): each dense TransformerLayer is compiled
+  (nn.Module.compile, so parameter and checkpoint names do not change); inductor fuses the norms,
+  SwiGLU, RoPE and residual adds around the matmuls and attention. MoE layers stay eager (their
+  token dispatch is data-dependent). The embedding, output layer and loss are not compiled.
+
+Both are for megatron-core's local layers: with Transformer Engine's layers (TE installed and a
+GPU) they are skipped with a notice. Without a GPU (and outside Triton's interpreter) the Liger
+kernels cannot run and are skipped with a notice; torch.compile runs on CPU too (inductor's C++
+backend), which is how the tests check it. The two are alternatives, not combined; compiled layers
+need tensor parallel size 1 and recompute none or full (compile_decoder_layers).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from megatron.core import parallel_state
+
+from qwen2_megatron.model import liger
+
+COMPILE_MODES = ("none", "layers")
+
+
+@dataclass(frozen=True)
+class FastPaths:
+    liger: tuple[str, ...] = ()  # subset of liger.KERNELS
+    compile: str = "none"  # one of COMPILE_MODES
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.liger) - set(liger.KERNELS))
+        if unknown:
+            raise ValueError(f"liger kernels {unknown}: choose from {list(liger.KERNELS)}")
+        if self.compile not in COMPILE_MODES:
+            raise ValueError(f"compile={self.compile!r}: choose one of {list(COMPILE_MODES)}")
+        if self.liger and self.compile != "none":
+            # Dynamo cannot trace Liger's kernels everywhere (not under Triton's interpreter), and
+            # inductor generates its own fused kernels for the same operations.
+            raise ValueError("Liger kernels and compiled layers are alternatives: choose one")
+
+    def resolve(self, te: bool) -> FastPaths:
+        """The fast paths that apply to a model built with (te) or without Transformer Engine layers.
+
+        Explicitly requested Liger kernels without the package are an error; the rest falls back
+        to the plain path with a one-line notice.
+        """
+        kernels = self.liger
+        if kernels and not liger.available():
+            raise RuntimeError(f"Liger kernels {list(kernels)} were requested but liger-kernel is not installed: "
+                               f"{liger.INSTALL_HINT}")
+        if te and (kernels or self.compile != "none"):
+            liger.notice("Transformer Engine layers are in use; train.liger_kernels / train.compile "
+                         "(fast paths of the local layer spec) are ignored")
+            return FastPaths()
+        if kernels and not liger.runnable():
+            liger.notice(f"Liger kernels {list(kernels)} need a CUDA device; using the plain PyTorch path")
+            kernels = ()
+        return FastPaths(tuple(kernels), self.compile)
+
+
+def compile_decoder_layers(model: torch.nn.Module) -> int:
+    """torch.compile every dense decoder layer of a GPTModel in place; returns how many.
+
+    Supported where the compiled graph of a layer is whole: tensor parallel size 1 (the
+    asynchronous collectives in the backward of megatron's tensor-parallel linears break it) and
+    no selective recompute (megatron's attention checkpoint breaks it); full recompute compiles
+    a no-grad and a grad graph. Both unsupported cases compute correctly but gain little, and are
+    refused.
+    """
+    config = model.config
+    if config.tensor_model_parallel_size > 1:
+        raise ValueError(f"compiled layers need tensor parallel size 1, not {config.tensor_model_parallel_size}")
+    if config.recompute_granularity == "selective":
+        raise ValueError("compiled layers do not combine with selective recompute")
+    _trace_friendly_megatron()
+    count = 0
+    for layer in model.decoder.layers:
+        if getattr(layer, "is_moe_layer", False):
+            continue
+        layer.compile()
+        count += 1
+    return count
+
+
+_patched = False
+
+
+def _trace_friendly_megatron() -> None:
+    """Remove the one graph break megatron-core 0.19 puts into every layer.
+
+    RowParallelLinear passes tp_group=None to linear_with_grad_accumulation_and_async_allreduce,
+    whose get_tensor_model_parallel_group_if_none then issues a DeprecationWarning (and resolves
+    the default TP group). warnings.warn cannot be traced: dynamo breaks the graph inside an
+    activation-offloading context manager and runs the rest of the attention block eagerly.
+    While compiling, resolve the group without the warning; eager calls are unchanged.
+    """
+    global _patched
+    if _patched:
+        return
+    from megatron.core.tensor_parallel import layers
+
+    original = layers.get_tensor_model_parallel_group_if_none
+
+    def group_if_none(tp_group=None, is_expert=False, check_initialized=True):
+        if tp_group is None and torch.compiler.is_compiling():
+            if is_expert:
+                return parallel_state.get_expert_tensor_parallel_group(check_initialized=check_initialized)
+            return parallel_state.get_tensor_model_parallel_group(check_initialized=check_initialized)
+        return original(tp_group, is_expert=is_expert, check_initialized=check_initialized)
+
+    layers.get_tensor_model_parallel_group_if_none = group_if_none
+    _patched = True
