@@ -3,7 +3,8 @@
 Saving: every `interval` steps, at the end, and on request (a signal or a SAVE file in the run
 directory; see train/trainer.py). With `async_save`, the step that saves only captures the state
 and hands the shards to megatron-core's background writer; the checkpoint is published when every
-rank's writer has finished (checked at each step by `poll`), and at most one save is in flight. Resuming: `resume=auto` takes the newest complete checkpoint of
+rank's writer has finished (checked at each step by `poll`), and at most one save is in flight.
+Resuming: `resume=auto` takes the newest complete checkpoint of
 the run (starting fresh when there is none), reports incomplete ones, and with `fallback` skips a
 newest checkpoint whose files are damaged; `resume=<path>` loads exactly that checkpoint;
 `resume=none` starts fresh. Every decision is taken on rank 0 and broadcast, so all ranks load
