@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from qwen2_megatron.checkpoint.location import remove_tree
 from qwen2_megatron.checkpoint.manager import CheckpointConfig
 from qwen2_megatron.checkpoint.model_checkpoint import CheckpointMismatchError, check_shape
 from qwen2_megatron.checkpoint.store import CheckpointStore
@@ -161,6 +162,9 @@ def test_retention_keeps_last_k_and_every_mth(tmp_path: Path) -> None:
         store.prepare(step)
         (store.partial_path(step) / "train_state.json").write_text("{}")
         store.publish(step)
-        store.retain(keep_last=2, keep_every=4)
+        for old in store.retire(keep_last=2, keep_every=4):
+            assert old in store.listing().incomplete  # unpublished at once, deleted afterwards
+            remove_tree(old)
     assert [p.name for p in store.listing().complete] == ["step_00000004", "step_00000008", "step_00000009", "step_00000010"]
+    assert not store.listing().incomplete
     assert store.latest().name == "step_00000010"

@@ -7,8 +7,8 @@ Builds a Qwen2-0.5B-shaped model (fewer layers to fit a laptop) with megatron DD
 distributed optimizer on `nproc` local ranks and trains it on random tokens. Times: a training
 step; full synchronous checkpoints (model + optimizer, torch_dist, fsync'd, published
 atomically); asynchronous checkpoints (the part that blocks training, then a training step run
-while the background writer works, then the time until published); and a plain sequential write
-of the same number of bytes with fsync.
+while the background writer works, then the time until published); and, after each synchronous
+save, a plain sequential write of the same number of bytes with fsync on the same disk.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ def raw_write(path: Path, nbytes: int) -> float:
     return seconds
 
 
-def save_rank(directory: str, layers: int, repeats: int, seq: int) -> dict[str, list[float]]:
+def save_rank(directory: str, layers: int, repeats: int, seq: int, threads: int) -> dict[str, list[float]]:
     import torch
     import torch.distributed as dist
 
@@ -49,6 +49,8 @@ def save_rank(directory: str, layers: int, repeats: int, seq: int) -> dict[str, 
     from qwen2_megatron.train.config import OptimConfig
     from qwen2_megatron.train.optimizer import build_optimizer
 
+    if threads:
+        torch.set_num_threads(threads)
     shape = replace(get_preset("qwen2_0.5b"), num_hidden_layers=layers)
     runtime = init_runtime(ParallelLayout())
     try:
@@ -72,12 +74,17 @@ def save_rank(directory: str, layers: int, repeats: int, seq: int) -> dict[str, 
         times: dict[str, list[float]] = {"step": [train_step() for _ in range(repeats)]}
         models = [c.module for c in chunks]
         sync = CheckpointManager(CheckpointConfig(dir=f"{directory}/sync", keep_last=1), shape, runtime.layout, "fp32")
-        times["sync_save"] = []
+        times["sync_save"], times["raw_write"], times["bytes"] = [], [], []
         for step in range(1, repeats + 1):
             dist.barrier()
             start = time.perf_counter()
-            sync.save(step, models, optimizer, {"step": step})
+            path = sync.save(step, models, optimizer, {"step": step})
             times["sync_save"].append(time.perf_counter() - start)
+            sync.wait()  # retention deletes in the background
+            if dist.get_rank() == 0:  # the same bytes written plainly, between the saves (disks drift)
+                times["bytes"].append(sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file()))
+                times["raw_write"].append(raw_write(Path(directory) / "raw.bin", times["bytes"][-1]))
+            dist.barrier()
         background = CheckpointManager(
             CheckpointConfig(dir=f"{directory}/async", keep_last=1, async_save=True), shape, runtime.layout, "fp32"
         )
@@ -103,24 +110,29 @@ def main() -> None:
     parser.add_argument("--nproc", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seq", type=int, default=1024, help="tokens in the timed training step")
+    parser.add_argument(
+        "--threads", type=int, default=0,
+        help="CPU threads per rank for training (0: torch's default, all cores); fewer leave cores to the "
+        "background writer, as a GPU node does",
+    )
     args = parser.parse_args()
     from qwen2_megatron.parallel.local_launch import spawn
 
     work = Path(tempfile.mkdtemp(prefix="bench-ckpt-", dir=args.dir))
     try:
-        times = spawn(save_rank, args.nproc, str(work / "ckpt"), args.layers, args.repeats, args.seq)[0]
-        checkpoint = next((work / "ckpt" / "sync").glob("step_*"))
-        nbytes = sum(f.stat().st_size for f in checkpoint.rglob("*") if f.is_file())
+        times = spawn(
+            save_rank, args.nproc, str(work / "ckpt"), args.layers, args.repeats, args.seq, args.threads
+        )[0]
         best = {key: min(values) for key, values in times.items()}
-        raw_s = min(raw_write(work / "raw.bin", nbytes) for _ in range(args.repeats))
-        save_s = best["sync_save"]
+        nbytes, raw_s, save_s = best["bytes"], best["raw_write"], best["sync_save"]
         slowed = (best["async_blocking"] + best["step_while_writing"]) / best["step"] - 1
         print(f"checkpoint size       {nbytes / 2**30:.2f} GiB ({args.layers}-layer Qwen2-0.5B shape, "
               f"model + Adam, {args.nproc} ranks); best of {args.repeats} for every figure")
         print(f"checkpoint save       {save_s:.2f} s  -> {nbytes / save_s / 1e9:.2f} GB/s")
         print(f"raw write + fsync     {raw_s:.2f} s  -> {nbytes / raw_s / 1e9:.2f} GB/s")
         print(f"ratio                 {raw_s / save_s:.2f}x of the raw write speed")
-        print(f"training step         {best['step']:.2f} s (seq {args.seq}, one micro-batch)")
+        threads = f"{args.threads} CPU threads per rank" if args.threads else "torch's default CPU threads"
+        print(f"training step         {best['step']:.2f} s (seq {args.seq}, one micro-batch, {threads})")
         print(f"async save            {best['async_blocking']:.2f} s blocking, then a step of "
               f"{best['step_while_writing']:.2f} s while writing; published after {best['async_total']:.2f} s")
         print(f"step triggering save  {100 * slowed:+.1f}% vs a plain step (async)")

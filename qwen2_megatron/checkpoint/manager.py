@@ -9,10 +9,13 @@ the run (starting fresh when there is none), reports incomplete ones, and with `
 newest checkpoint whose files are damaged; `resume=<path>` loads exactly that checkpoint;
 `resume=none` starts fresh. Every decision is taken on rank 0 and broadcast, so all ranks load
 the same checkpoint or none.
+Retention deletes old checkpoints in a background thread (on shared file systems and object stores
+a deletion takes long, and every rank would wait for it); their markers go first, synchronously.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -21,7 +24,7 @@ from typing import Any
 import torch.distributed as dist
 from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 
-from qwen2_megatron.checkpoint.location import Location, location
+from qwen2_megatron.checkpoint.location import Location, location, remove_tree
 from qwen2_megatron.checkpoint.store import CheckpointStore, checkpoint_step
 from qwen2_megatron.checkpoint.train_checkpoint import load_training, save_training
 from qwen2_megatron.checkpoint.validate import IncompleteCheckpointError, UnsafeCheckpointError, check_files
@@ -53,6 +56,7 @@ class CheckpointManager:
         self.store = CheckpointStore(cfg.dir)
         self.main = dist.get_rank() == 0
         self._queue = AsyncCallsQueue() if cfg.async_save else None
+        self._deleting: threading.Thread | None = None
 
     def due(self, step: int, last: bool) -> bool:
         return bool(self.cfg.interval and step % self.cfg.interval == 0) or (last and self.cfg.save_at_end)
@@ -60,7 +64,7 @@ class CheckpointManager:
     def save(self, step: int, chunks: list[Any], optimizer: Any, train_state: dict[str, Any]) -> Location:
         """Collective: write, publish atomically, then apply retention. With async_save the
         shards are still being written on return; `poll`/`wait` publish them."""
-        self.wait()
+        self._finish_writing()
         start = time.perf_counter()
         partial_dir = self.store.partial_path(step)
         if self.main:
@@ -90,7 +94,12 @@ class CheckpointManager:
             self._queue.maybe_finalize_async_calls(blocking=False)
 
     def wait(self) -> None:
-        """Collective: finish and publish the save in flight, if any."""
+        """Collective: finish and publish the save in flight, if any, and finish deleting what
+        retention dropped."""
+        self._finish_writing()
+        self._finish_deleting()
+
+    def _finish_writing(self) -> None:
         if self._queue is not None and self._queue.get_num_unfinalized_calls():
             self._queue.maybe_finalize_async_calls(blocking=True)
 
@@ -106,9 +115,23 @@ class CheckpointManager:
         if self.main:
             path = self.store.publish(step)
             print(f"saved checkpoint {path} in {time.perf_counter() - start:.2f} s", flush=True)
-            for old in self.store.retain(self.cfg.keep_last, self.cfg.keep_every):
-                print(f"checkpoint retention: removed {old}", flush=True)
+            self._finish_deleting()
+            doomed = self.store.retire(self.cfg.keep_last, self.cfg.keep_every)
+            if doomed:
+                self._deleting = threading.Thread(target=self._delete, args=(doomed,), name="checkpoint-retention")
+                self._deleting.start()
         dist.barrier()
+
+    @staticmethod
+    def _delete(doomed: list[Location]) -> None:
+        for old in doomed:
+            remove_tree(old)
+            print(f"checkpoint retention: removed {old}", flush=True)
+
+    def _finish_deleting(self) -> None:
+        if self._deleting is not None:
+            self._deleting.join()
+            self._deleting = None
 
     def resume(self, chunks: list[Any], optimizer: Any) -> dict[str, Any] | None:
         """Collective: load the checkpoint chosen by `resume`; None when starting fresh."""

@@ -96,9 +96,10 @@ class CheckpointStore:
                 return named
         return complete[-1] if complete else None
 
-    def retain(self, keep_last: int, keep_every: int) -> list[Location]:
-        """Delete complete checkpoints beyond the newest `keep_last`, except multiples of
-        `keep_every` steps; never the newest one. Returns what was deleted."""
+    def retire(self, keep_last: int, keep_every: int) -> list[Location]:
+        """Unpublish complete checkpoints beyond the newest `keep_last`, except multiples of
+        `keep_every` steps; never the newest one. Only their markers are deleted here (from now
+        on they count as incomplete); `remove_tree` deletes the rest. Returns them."""
         complete = self.listing().complete
         doomed = [
             path
@@ -106,7 +107,7 @@ class CheckpointStore:
             if not (keep_every and checkpoint_step(path) % keep_every == 0)
         ]
         for path in doomed:
-            remove_tree(path, first=TRAIN_STATE)
+            (path / TRAIN_STATE).unlink(missing_ok=True)
         return doomed
 
 

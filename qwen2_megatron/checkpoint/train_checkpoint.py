@@ -1,8 +1,9 @@
 """Full training state: model, optimizer, schedule, data position, RNG, counters.
 
 Model and optimizer go through megatron-core's dist_checkpointing (torch_dist): every rank writes
-its own shards in parallel, and the optimizer state is saved "fully reshardable", so a run may
-resume with another TP / PP / EP / DP layout. Everything else is small and JSON
+its own shards in parallel (weights replicated over data-parallel ranks are split among them by
+megatron's fully parallel save), and the distributed optimizer's state is saved per parameter in
+model space (optimizer_shards.py), so a run may resume with another TP / PP / EP / DP layout. Everything else is small and JSON
 (train_state.json), except each rank's RNG state (rng/rank_N.pt, plain tensors and numbers,
 loaded with torch.load(weights_only=True): nothing in a checkpoint is ever executed).
 
@@ -22,10 +23,13 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-from megatron.core import dist_checkpointing, tensor_parallel
+from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.strategies.async_utils import AsyncRequest
+from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
+from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
 
 from qwen2_megatron.checkpoint.location import Location, torch_load_weights, torch_save, write_text_atomic
+from qwen2_megatron.checkpoint.optimizer_shards import inner_optimizers, restore_optimizer_state, sharded_optimizer_state
 from qwen2_megatron.checkpoint.model_checkpoint import (
     check_shape,
     read_info,
@@ -40,7 +44,6 @@ from qwen2_megatron.parallel.layout import ParallelLayout
 # megatron-core's own background writer (a forked process per save). The alternative, "nvrx",
 # needs nvidia-resiliency-ext, which has no wheel for this Python.
 ASYNC_STRATEGY = "mcore"
-OPTIMIZER_FORMAT = {"distrib_optim_sharding_type": "fully_reshardable", "chained_optim_avoid_prefix": True}
 
 
 class CorruptCheckpointError(RuntimeError):
@@ -49,8 +52,14 @@ class CorruptCheckpointError(RuntimeError):
 
 def _sharded_state(chunks: list[torch.nn.Module], optimizer: Any, is_loading: bool) -> dict[str, Any]:
     state = sharded_model_state(chunks)
-    state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=is_loading, metadata=OPTIMIZER_FORMAT)
+    state["optimizer"] = sharded_optimizer_state(optimizer, state, is_loading)
     return state
+
+
+def _save_strategy() -> FullyParallelSaveStrategyWrapper:
+    """torch_dist, with the writing of what data-parallel ranks hold alike spread over them."""
+    group = parallel_state.get_data_parallel_group(with_context_parallel=True)
+    return FullyParallelSaveStrategyWrapper(TorchDistSaveShardedStrategy(), group)
 
 
 def save_training(
@@ -75,6 +84,7 @@ def save_training(
     request = dist_checkpointing.save(
         _sharded_state(chunks, optimizer, is_loading=False),
         str(path),
+        sharded_strategy=_save_strategy(),
         async_sharded_save=asynchronous,
         async_strategy=ASYNC_STRATEGY,
     )
@@ -123,7 +133,7 @@ def load_training(
         ) from err
     restore_model_state(chunks, loaded)
     with torch.no_grad():  # the distributed optimizer's fp32 main params are views of the weights
-        optimizer.load_state_dict(loaded["optimizer"])
+        restore_optimizer_state(optimizer, sharded_model_state(chunks), loaded["optimizer"])
     _set_adam_step(optimizer, train_state["adam_step"])
     same_layout = read_info(path)["layout"] == asdict(layout) and train_state["world_size"] == dist.get_world_size()
     if same_layout:
@@ -135,21 +145,17 @@ def load_training(
 
 def _initialise_states(optimizer: Any) -> None:
     """A fresh torch Adam has no state; megatron's loading path needs it, with a step entry."""
-    for inner in _inner_optimizers(optimizer):
+    for inner in inner_optimizers(optimizer):
         if not inner.optimizer.state and getattr(inner, "init_state_fn", None) is not None:
             inner.init_state_fn(inner.optimizer, inner.config)
         for state in inner.optimizer.state.values():
             state.setdefault("step", torch.tensor(0.0))
 
 
-def _inner_optimizers(optimizer: Any) -> list[Any]:
-    return list(getattr(optimizer, "chained_optimizers", [optimizer]))
-
-
 def _adam_step(optimizer: Any) -> int:
     steps = {
         int(state["step"])
-        for inner in _inner_optimizers(optimizer)
+        for inner in inner_optimizers(optimizer)
         for state in inner.optimizer.state.values()
         if "step" in state
     }
@@ -159,7 +165,7 @@ def _adam_step(optimizer: Any) -> int:
 
 
 def _set_adam_step(optimizer: Any, step: int) -> None:
-    for inner in _inner_optimizers(optimizer):
+    for inner in inner_optimizers(optimizer):
         for state in inner.optimizer.state.values():
             state["step"] = torch.tensor(float(step), dtype=torch.float32)
 

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 
-from qwen2_megatron.parallel import cpu_compat, megatron_fixes
+from qwen2_megatron.parallel import cpu_compat
 from qwen2_megatron.parallel.layout import ParallelLayout
 from qwen2_megatron.parallel.local_launch import free_port
 
@@ -46,7 +46,6 @@ def init_runtime(layout: ParallelLayout, seed: int = 1234, timeout_minutes: int 
     """Validate the layout against the world size, then start the process groups and RNGs."""
     rank, world, local_rank = process_env()
     resolved = layout.resolve(world)
-    megatron_fixes.apply()
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank % torch.cuda.device_count())
         backend, device = "nccl", torch.device("cuda", torch.cuda.current_device())
