@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from qwen2_megatron.checkpoint.location import remove_tree
-from qwen2_megatron.checkpoint.manager import CheckpointConfig
+from qwen2_megatron.checkpoint.config import CheckpointConfig
 from qwen2_megatron.checkpoint.model_checkpoint import CheckpointMismatchError, check_shape
 from qwen2_megatron.checkpoint.store import CheckpointStore
 from qwen2_megatron.checkpoint.validate import IncompleteCheckpointError, UnsafeCheckpointError, check_files

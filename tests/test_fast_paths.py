@@ -23,7 +23,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from qwen2_megatron.checkpoint.manager import CheckpointConfig
+from qwen2_megatron.checkpoint.config import CheckpointConfig
 from qwen2_megatron.data.demo import demo_mixture
 from qwen2_megatron.model import liger
 from qwen2_megatron.model.fast_paths import FastPaths, compile_decoder_layers

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from qwen2_megatron.checkpoint.manager import CheckpointConfig
+from qwen2_megatron.checkpoint.config import CheckpointConfig
 from qwen2_megatron.data.demo import demo_mixture
 from qwen2_megatron.model.presets import get_preset
 from qwen2_megatron.model.fused_loss import fused_linear_cross_entropy

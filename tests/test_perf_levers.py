@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from qwen2_megatron.checkpoint.manager import CheckpointConfig
+from qwen2_megatron.checkpoint.config import CheckpointConfig
 from qwen2_megatron.data.demo import demo_mixture
 from qwen2_megatron.model.shape import Qwen2Shape
 from qwen2_megatron.parallel.layout import ParallelLayout

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from qwen2_megatron.convert.convert import import_hf
-from qwen2_megatron.checkpoint.manager import CheckpointConfig
+from qwen2_megatron.checkpoint.config import CheckpointConfig
 from qwen2_megatron.checkpoint.model_checkpoint import checkpoint_shape
 from qwen2_megatron.data.demo import demo_mixture
 from qwen2_megatron.parallel.layout import ParallelLayout

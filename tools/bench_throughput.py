@@ -138,7 +138,7 @@ def trainer_config(args: argparse.Namespace, work: Path) -> Any:
     """The TrainerConfig our side runs (and whose model section both sides train)."""
     from omegaconf import OmegaConf
 
-    from qwen2_megatron.checkpoint.manager import CheckpointConfig
+    from qwen2_megatron.checkpoint.config import CheckpointConfig
     from qwen2_megatron.data.demo import demo_mixture
     from qwen2_megatron.model.presets import get_preset
     from qwen2_megatron.train.config import LogConfig, OptimConfig, RunConfig, TrainConfig, TrainerConfig

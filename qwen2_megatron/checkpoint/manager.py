@@ -17,31 +17,19 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
 import torch.distributed as dist
 from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 
+from qwen2_megatron.checkpoint.config import CheckpointConfig
 from qwen2_megatron.checkpoint.location import Location, location, remove_tree
 from qwen2_megatron.checkpoint.store import CheckpointStore, checkpoint_step
 from qwen2_megatron.checkpoint.train_checkpoint import load_training, save_training
 from qwen2_megatron.checkpoint.validate import IncompleteCheckpointError, UnsafeCheckpointError, check_files
 from qwen2_megatron.model.shape import Qwen2Shape
 from qwen2_megatron.parallel.layout import ParallelLayout
-
-
-@dataclass
-class CheckpointConfig:
-    dir: str = "${run.dir}/checkpoints"  # a path on shared storage
-    interval: int = 100  # steps between saves; 0 = only at the end and on request
-    resume: str = "auto"  # auto | none | a checkpoint directory
-    fallback: bool = True  # resume=auto: skip a damaged newest checkpoint for the one before
-    keep_last: int = 3  # complete checkpoints kept (the newest is never deleted)
-    keep_every: int = 0  # also keep every checkpoint whose step is a multiple of this; 0 = none
-    save_at_end: bool = True
-    async_save: bool = False  # write shards in a background process while training goes on
 
 
 class CheckpointError(RuntimeError):

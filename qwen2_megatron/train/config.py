@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from qwen2_megatron.checkpoint.manager import CheckpointConfig
+from qwen2_megatron.checkpoint.config import CheckpointConfig
 from qwen2_megatron.data.config import DataConfigError, MixtureConfig
 from qwen2_megatron.launch.config import LauncherConfig
 from qwen2_megatron.model.shape import Qwen2Shape

@@ -1,0 +1,18 @@
+"""The `checkpoint` section of the trainer's config (apart from the manager, so that reading a
+config, as the launcher and the data workers do, does not import megatron-core)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str = "${run.dir}/checkpoints"  # a path on shared storage
+    interval: int = 100  # steps between saves; 0 = only at the end and on request
+    resume: str = "auto"  # auto | none | a checkpoint directory
+    fallback: bool = True  # resume=auto: skip a damaged newest checkpoint for the one before
+    keep_last: int = 3  # complete checkpoints kept (the newest is never deleted)
+    keep_every: int = 0  # also keep every checkpoint whose step is a multiple of this; 0 = none
+    save_at_end: bool = True
+    async_save: bool = False  # write shards in a background process while training goes on
