@@ -27,8 +27,8 @@ from typing import Any, Iterator
 
 import torch
 from megatron.core.dist_checkpointing.dict_utils import nested_values
-from megatron.core.dist_checkpointing.utils import extract_sharded_tensors_and_factories
 from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+from megatron.core.dist_checkpointing.utils import extract_sharded_tensors_and_factories
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
 Box = tuple[tuple[int, ...], tuple[int, ...], int]
@@ -103,7 +103,10 @@ def _states(inner: DistributedOptimizer, param: torch.nn.Parameter) -> dict[str,
     return {k: t for k, t in inner._get_main_param_and_optimizer_states(param).items() if k != "step"}
 
 
-def _box_state(inner: DistributedOptimizer, metadata: dict[torch.Tensor, Any]) -> list[list[tuple[ShardedTensor, torch.Tensor]]]:
+Boxed = list[list[tuple[ShardedTensor, torch.Tensor]]]
+
+
+def _box_state(inner: DistributedOptimizer, metadata: dict[torch.Tensor, Any]) -> Boxed:
     """Per local parameter, in the distributed optimizer's order, the boxes of all its states,
     each with the view of the state it stands for (its data is that view, or a contiguous copy
     of it where a piece cuts a box across its rows)."""
@@ -123,7 +126,8 @@ def _box_state(inner: DistributedOptimizer, metadata: dict[torch.Tensor, Any]) -
                         continue
                     view = block[tuple(slice(low - a, high - a) for low, high, a in zip(lo, hi, offset))]
                     within = tuple(low - b for low, b in zip(lo, piece_offset))
-                    entries.append((_box_tensor(piece, key, view.contiguous(), within, inner.distributed_optimizer_instance_id), view))
+                    box = _box_tensor(piece, key, view.contiguous(), within, inner.distributed_optimizer_instance_id)
+                    entries.append((box, view))
         state.append(entries)
     return state
 
@@ -156,7 +160,9 @@ def _pieces(meta: Any) -> list[tuple[ShardedTensor, tuple[int, ...]]]:
             rest %= stride
         pieces.append((sh, tuple(offset)))
     return pieces
-def _box_tensor(piece: ShardedTensor, key: str, data: torch.Tensor, offset: tuple[int, ...], instance: int) -> ShardedTensor:
+def _box_tensor(
+    piece: ShardedTensor, key: str, data: torch.Tensor, offset: tuple[int, ...], instance: int
+) -> ShardedTensor:
     """A box of the piece's tensor; axes the piece prepends (an expert's index) become leading
     axes of size 1, as megatron's uneven-sharding path has no prepended axes."""
     if len(piece.replica_id) != 3:

@@ -3,9 +3,10 @@
 Model and optimizer go through megatron-core's dist_checkpointing (torch_dist): every rank writes
 its own shards in parallel (weights replicated over data-parallel ranks are split among them by
 megatron's fully parallel save), and the distributed optimizer's state is saved per parameter in
-model space (optimizer_shards.py), so a run may resume with another TP / PP / EP / DP layout. Everything else is small and JSON
-(train_state.json), except each rank's RNG state (rng/rank_N.pt, plain tensors and numbers,
-loaded with torch.load(weights_only=True): nothing in a checkpoint is ever executed).
+model space (optimizer_shards.py), so a run may resume with another TP / PP / EP / DP layout.
+Everything else is small and JSON (train_state.json), except each rank's RNG state
+(rng/rank_N.pt, plain tensors and numbers, loaded with torch.load(weights_only=True): nothing in a
+checkpoint is ever executed).
 
 Without Transformer Engine or apex, megatron-core restores Adam's step counter from the live
 optimizer instead of the checkpoint (platform.md); the step is therefore also saved here and put
@@ -29,13 +30,17 @@ from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyPara
 from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
 
 from qwen2_megatron.checkpoint.location import Location, torch_load_weights, torch_save, write_text_atomic
-from qwen2_megatron.checkpoint.optimizer_shards import inner_optimizers, restore_optimizer_state, sharded_optimizer_state
 from qwen2_megatron.checkpoint.model_checkpoint import (
     check_shape,
     read_info,
     restore_model_state,
     sharded_model_state,
     write_info,
+)
+from qwen2_megatron.checkpoint.optimizer_shards import (
+    inner_optimizers,
+    restore_optimizer_state,
+    sharded_optimizer_state,
 )
 from qwen2_megatron.checkpoint.store import TRAIN_STATE
 from qwen2_megatron.model.shape import Qwen2Shape
