@@ -1,11 +1,18 @@
 """The mixture loader on real text: exact resume (mid-document, shuffled, other DP size, workers),
-DP-independent global order, disjoint ranks, epoch coverage, realised share, resets."""
+DP-independent global order, disjoint ranks, epoch coverage, realised share, resets, and workers
+that do not outlive a killed rank."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 import unicodedata
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,6 +25,7 @@ from qwen2_megatron.data.report import mixture_report
 from qwen2_megatron.data.sources import StreamedSource, resolve_files
 from qwen2_megatron.data.tokenizer import EOD_ID
 from tests.data_fixtures import corpus, corpus_mixture, tokenizer  # noqa: F401
+from tests.processes import stop_process
 
 SEQ = 64
 
@@ -214,3 +222,35 @@ def test_demo_mixture_builds_and_draws_every_source(tmp_path, tokenizer) -> None
     report = mixture_report(loader.state_dict())
     assert all(row["documents"] > 0 for row in report["sources"].values()), report["text"]
     assert sorted(report["sources"]) == ["code", "english", "math", "multilingual"]
+
+
+_RANK_WITH_WORKERS = """
+import sys, time
+from qwen2_megatron.data.demo import demo_mixture
+from qwen2_megatron.data.loader import build_data_loader
+config = demo_mixture(sys.argv[1], num_workers=2)
+loader = build_data_loader(config, None, 64, config.num_lanes, model_vocab_size=151936)
+next(loader)
+print(*[proc.pid for proc, _ in loader._workers], flush=True)
+time.sleep(600)
+"""
+
+
+def test_data_workers_die_with_a_killed_rank(tmp_path) -> None:
+    """kill -9 of the process that owns the loader: its workers (blocked on full queues) follow."""
+    rank = subprocess.Popen([sys.executable, "-c", _RANK_WITH_WORKERS, str(tmp_path / "demo")],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        workers = [int(pid) for pid in rank.stdout.readline().split()]
+        assert len(workers) == 2 and all(Path(f"/proc/{pid}").exists() for pid in workers)
+        rank.kill()
+        rank.wait()
+        deadline = time.monotonic() + 30
+        while any(Path(f"/proc/{pid}").exists() for pid in workers) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        survivors = [pid for pid in workers if Path(f"/proc/{pid}").exists()]
+        for pid in survivors:
+            os.kill(pid, signal.SIGKILL)
+        assert not survivors, "a data worker outlived its rank"
+    finally:
+        stop_process(rank, 5)

@@ -19,7 +19,11 @@ process running n lanes reads such a source n times, so shard large sources into
 
 from __future__ import annotations
 
+import ctypes
+import multiprocessing as mp
 import os
+import signal
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -37,10 +41,20 @@ class DataSourceError(ValueError):
     """A data file that cannot be read as configured; the message names the file and the fix."""
 
 
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
 def setup_worker_process() -> None:
     """For background reader processes: they never need torch, which `datasets` would otherwise
-    import (seconds per process)."""
+    import (seconds per process), and they die with the process that started them, even one killed
+    with SIGKILL (a worker blocked on its full queue would otherwise outlive a killed rank)."""
     os.environ["USE_TORCH"] = "0"
+    parent = mp.parent_process()
+    if parent is None or not sys.platform.startswith("linux"):
+        return
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent.pid:  # it died before the line above
+        os._exit(1)
 
 
 def resolve_files(source: SourceConfig) -> list[str]:
