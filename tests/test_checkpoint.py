@@ -28,11 +28,13 @@ _MOE = replace(get_preset("tiny_moe"), hidden_size=64, intermediate_size=128, mo
                shared_expert_intermediate_size=64)
 
 
-def _cfg(root: Path, run: str, steps: int, layout: ParallelLayout, moe: bool = False, **ckpt) -> TrainerConfig:
+def _cfg(
+    root: Path, run: str, steps: int, layout: ParallelLayout, moe: bool = False, precision: str = "fp32", **ckpt
+) -> TrainerConfig:
     return TrainerConfig(
         model=_MOE if moe else _DENSE,
         parallel=layout,
-        train=TrainConfig(steps=steps, global_batch_size=4, micro_batch_size=2, seq_length=64),
+        train=TrainConfig(steps=steps, global_batch_size=4, micro_batch_size=2, seq_length=64, precision=precision),
         optim=OptimConfig(lr=2e-3, warmup_steps=1, decay_steps=6),  # same schedule for 3 and 6 steps
         data=demo_mixture(num_workers=0),
         log=LogConfig(interval=1, progress_bar=False),
@@ -52,6 +54,10 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
         "dp2_resumed": _cfg(root, "dp2", 6, dp2),
         "tp2_first": _cfg(root, "tp2", 3, tp2),
         "moe_ep2_first": _cfg(root, "moe", 3, ep2, moe=True),
+        # bf16: the optimizer's fp32 main weights are tensors of their own (in fp32, views of the weights)
+        "ref_moe_bf16": _cfg(root, "ref_moe_bf16", 6, ep2, moe=True, precision="bf16", save_at_end=False),
+        "moe_bf16_first": _cfg(root, "moe_bf16", 3, ep2, moe=True, precision="bf16"),
+        "moe_bf16_resumed": _cfg(root, "moe_bf16", 6, ep2, moe=True, precision="bf16"),
         # background saves every step (each waits for the one before), then resumed
         "async_first": _cfg(root, "async", 3, dp2, interval=1, async_save=True),
         "async_resumed": _cfg(root, "async", 6, dp2, interval=2, async_save=True),
@@ -77,6 +83,10 @@ def test_interrupted_and_resumed_run_is_bit_identical(runs: dict) -> None:
     """Catches e.g. Adam's step counter not being restored (megatron without TE/apex)."""
     assert runs["dp2_first"] == runs["ref"][:3]
     assert runs["dp2_resumed"] == runs["ref"][3:], (runs["dp2_resumed"], runs["ref"])
+
+
+def test_bf16_moe_run_resumes_exactly(runs: dict) -> None:
+    assert runs["moe_bf16_first"] + runs["moe_bf16_resumed"] == runs["ref_moe_bf16"]
 
 
 def test_asynchronous_saves_resume_exactly(runs: dict) -> None:
