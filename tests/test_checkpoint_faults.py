@@ -324,6 +324,48 @@ def test_launcher_stops_the_other_ranks_and_what_the_dead_one_started(tmp_path: 
     assert "rank 1 died with exit code -9 (killed by SIGKILL)" in str(failure.value), failure.value
 
 
+_LAUNCHER = """
+import sys, time
+from qwen2_megatron.parallel.local_launch import spawn
+from tests.test_checkpoint_faults import _rank_waiting
+spawn(_rank_waiting, 2, sys.argv[1])
+"""
+
+
+def _rank_waiting(ready_dir: str) -> None:
+    Path(ready_dir, os.environ["RANK"]).write_text(str(os.getpid()))
+    time.sleep(600)
+
+
+def test_ranks_end_with_a_killed_launcher(tmp_path: Path) -> None:
+    """kill -9 of the launcher itself (which so cannot stop anything): its ranks get SIGTERM from
+    the kernel (the trainer saves and stops on it; this rank function just ends)."""
+    launcher = subprocess.Popen([sys.executable, "-c", _LAUNCHER, str(tmp_path)], cwd=Path(__file__).parent.parent,
+                                start_new_session=True)
+    ranks: list[Proc] = []
+    try:
+        deadline = time.monotonic() + RUN_TIMEOUT_S
+        while len(list(tmp_path.iterdir())) < 2:
+            assert launcher.poll() is None and time.monotonic() < deadline, "the ranks did not start"
+            time.sleep(0.1)
+        ranks = [_read_proc(int(p.read_text())) for p in tmp_path.iterdir()]
+        assert all(r is not None and r.ppid == launcher.pid for r in ranks), ranks
+        launcher.kill()
+        launcher.wait()
+        deadline = time.monotonic() + ORPHAN_GRACE_S
+        while any(_alive(r) for r in ranks) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        left = [r for r in ranks if _alive(r)]
+        assert not left, f"ranks outlived their killed launcher: {left}"
+    finally:
+        for rank in ranks:
+            if rank is not None and _alive(rank):
+                os.kill(rank.pid, signal.SIGKILL)
+        if launcher.poll() is None:
+            launcher.kill()
+            launcher.wait()
+
+
 # ----- the scenario ------------------------------------------------------------------------------
 
 

@@ -19,11 +19,8 @@ process running n lanes reads such a source n times, so shard large sources into
 
 from __future__ import annotations
 
-import ctypes
-import multiprocessing as mp
 import os
 import signal
-import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -32,6 +29,7 @@ import numpy as np
 
 from qwen2_megatron.data.config import SourceConfig, is_heldout
 from qwen2_megatron.data.tokenizer import QwenTokenizer
+from qwen2_megatron.parallel.lifetime import end_with_parent
 
 _BUILDERS = {"jsonl": ("json", {}), "parquet": ("parquet", {}), "text": ("text", {"sample_by": "document"})}
 _GLOB_CHARS = set("*?[")
@@ -41,20 +39,12 @@ class DataSourceError(ValueError):
     """A data file that cannot be read as configured; the message names the file and the fix."""
 
 
-_PR_SET_PDEATHSIG = 1  # linux/prctl.h
-
-
 def setup_worker_process() -> None:
     """For background reader processes: they never need torch, which `datasets` would otherwise
     import (seconds per process), and they die with the process that started them, even one killed
     with SIGKILL (a worker blocked on its full queue would otherwise outlive a killed rank)."""
     os.environ["USE_TORCH"] = "0"
-    parent = mp.parent_process()
-    if parent is None or not sys.platform.startswith("linux"):
-        return
-    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != parent.pid:  # it died before the line above
-        os._exit(1)
+    end_with_parent(signal.SIGKILL)
 
 
 def resolve_files(source: SourceConfig) -> list[str]:

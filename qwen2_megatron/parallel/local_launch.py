@@ -8,6 +8,8 @@ As under torchrun, each rank runs in a session of its own, and when a rank fails
 launcher stops the others (after a grace period) by killing each rank's whole process group: the
 survivors may be waiting forever on a collective, and what a rank started (data workers,
 checkpoint writers) would otherwise outlive a rank killed from outside (kill -9, the OOM killer).
+A launcher killed itself cannot do that: on Linux the kernel then sends each rank SIGTERM, on
+which the trainer saves a checkpoint and stops.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ import traceback
 from typing import Any, Callable
 
 import torch.multiprocessing as mp
+
+from qwen2_megatron.parallel.lifetime import end_with_parent
 
 
 class WorkerError(RuntimeError):
@@ -142,6 +146,7 @@ def _forward_signals(procs: list[Any]) -> dict[int, Any]:
 def _entry(fn: Callable[..., Any], rank: int, world: int, port: int, results: Any, args: tuple) -> None:
     if hasattr(os, "setsid"):
         os.setsid()  # a process group of its own, which _stop can kill as a whole (torchrun does the same)
+    end_with_parent(signal.SIGTERM)  # a killed launcher: the trainer saves a checkpoint and stops
     os.environ.update(
         RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
