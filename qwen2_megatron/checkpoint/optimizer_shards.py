@@ -9,13 +9,14 @@ dropped the flattened-range shards it is made of.
 
 Each DP rank owns a contiguous range of every gradient bucket, hence a contiguous range of each
 parameter's flattened (TP/EP-local) tensor. A contiguous range of a row-major tensor is a union of
-a few boxes (a partial row, whole rows, a partial row; recursively for more dimensions), cut
-again where megatron builds a parameter's checkpoint tensors from pieces of it (the SwiGLU gate and
-up halves of fc1), and each box is a megatron ShardedTensor of the parameter's global tensor with uneven sharding, which
-megatron hands to PyTorch's distributed checkpoint as is. The boxes' data are views of the
-optimizer's own state: saving sends nothing between ranks, every rank writes only its own state, and
-loading reads exactly the boxes of the new layout's ranges out of whatever boxes were saved, so
-TP, PP, EP and DP may all change. The tensors are those of megatron's "fully_reshardable" format
+a few boxes (a partial row, whole rows, a partial row; recursively for more dimensions), cut again
+where megatron builds a parameter's checkpoint tensors from pieces of it (the SwiGLU gate and up
+halves of fc1), and each box is a megatron ShardedTensor of the parameter's global tensor with
+uneven sharding, which megatron hands to PyTorch's distributed checkpoint as is. The boxes' data
+are views of the optimizer's own state: saving sends nothing between ranks, every rank writes only
+its own state, and loading reads exactly the boxes of the new layout's ranges out of whatever
+boxes were saved, so TP, PP, EP and DP may all change. The tensors are those of megatron's
+"fully_reshardable" format
 (optimizer.state.{param,exp_avg,exp_avg_sq}.<model key>, the parameter's global shape).
 """
 
