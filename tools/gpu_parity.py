@@ -10,7 +10,11 @@ same random tokens through torch SDPA attention. Checks:
 - fp32 gradients (dense): max |ours - hf| <= --grad-tol (default 1e-3) x the largest gradient;
 - bf16 logits: our bf16 error against the fp32 reference is at most --bf16-factor (default 1.5)
   times transformers' own bf16 error, plus a small floor (bf16 rounding differs between any two
-  implementations, so "as accurate as transformers" is the criterion), both in mean and in loss.
+  implementations, so "as accurate as transformers" is the criterion), both in mean and in loss;
+- fast paths (dense): bf16 loss and gradients of our model with each fast path (Liger
+  kernels when liger-kernel is installed, compiled layers, the fused LM loss) against the fp32
+  reference are within --bf16-factor of the plain bf16 path's error (relative L2 over all
+  gradients), plus a small floor.
 Prints one line per check, a JSON summary as the last line (--json-out appends it to a file),
 and exits 1 if a check fails.
 """
@@ -81,6 +85,33 @@ def hf_run(path: Path, dtype: Any, tokens: Any, labels: Any, device: Any, grads:
     return result
 
 
+def ours_bf16_grads(path: Path, tokens: Any, labels: Any, runtime: Any, fast: Any, fused: bool) -> tuple[float, dict]:
+    """Loss and gradients (HF names) of our bf16 model trained one step with the given fast paths."""
+    import torch
+
+    from qwen2_megatron.convert.hf_io import HFCheckpoint, gather_hf_state, load_hf_weights
+    from qwen2_megatron.model.builder import build_model
+    from qwen2_megatron.model.forward import forward_backward
+    from qwen2_megatron.model.fused_loss import FusedLMLoss
+    from qwen2_megatron.parallel.ddp import wrap_ddp
+
+    ckpt = HFCheckpoint(path)
+    chunks = wrap_ddp(build_model(ckpt.shape, runtime.layout, "bf16", perform_initialization=False, fast=fast))
+    load_hf_weights([c.module for c in chunks], ckpt)
+    batch = {"tokens": tokens, "labels": labels, "loss_mask": torch.ones_like(labels, dtype=torch.float32)}
+    losses = forward_backward(chunks, [batch], fused_loss=FusedLMLoss() if fused else None)
+    loss = float(losses[0]["lm loss"])
+    grads = {k: v.float() for k, v in gather_hf_state([c.module for c in chunks], ckpt.shape, grads=True).items()}
+    del chunks
+    return loss, grads
+
+
+def grad_error(grads: dict, ref: dict) -> float:
+    """||grads - ref|| / ||ref|| over all gradients together."""
+    diff = sum(float((grads[k] - g).double().pow(2).sum()) for k, g in ref.items())
+    return math.sqrt(diff / sum(float(g.double().pow(2).sum()) for g in ref.values()))
+
+
 def ours_run(path: Path, precision: str, tokens: Any, labels: Any, runtime: Any, grads: bool) -> tuple[Any, float, dict]:
     import torch
 
@@ -106,6 +137,33 @@ def ours_run(path: Path, precision: str, tokens: Any, labels: Any, runtime: Any,
         out_grads = {k: v.float() for k, v in gather_hf_state([c.module for c in chunks], ckpt.shape, grads=True).items()}
         del chunks
     return logits, loss, out_grads
+
+
+def check_fast_paths(path: Path, tokens: Any, labels: Any, runtime: Any, ref_grads: dict, ref_loss: float,
+                     args: argparse.Namespace, check: Any) -> None:
+    """Each fast path in bf16 is as close to the fp32 reference as the plain bf16 path."""
+    import torch
+
+    from qwen2_megatron.model import liger
+    from qwen2_megatron.model.fast_paths import FastPaths
+
+    plain_loss, plain = ours_bf16_grads(path, tokens, labels, runtime, FastPaths(), fused=False)
+    plain_err = grad_error(plain, ref_grads)
+    print(f"     dense bf16 plain path vs fp32 reference: grads rel-L2 {plain_err:.3e}, loss {plain_loss - ref_loss:+.3e}")
+    variants = {"compiled layers": (FastPaths(compile="layers"), False), "fused LM loss": (FastPaths(), True)}
+    if liger.available():
+        variants = {"liger kernels": (FastPaths(liger=liger.KERNELS), False), **variants}
+    else:
+        print("     liger-kernel not installed: Liger kernels not checked")
+    for label, (fast, fused) in variants.items():
+        loss, grads = ours_bf16_grads(path, tokens, labels, runtime, fast, fused)
+        check(f"dense bf16 {label} grads", grad_error(grads, ref_grads), args.bf16_factor * plain_err + 1e-3,
+              "rel-L2 |fast_bf16 - hf_fp32|")
+        check(f"dense bf16 {label} loss", abs(loss - ref_loss), args.bf16_factor * abs(plain_loss - ref_loss) + 1e-2,
+              f"|fast_bf16 - hf_fp32| (plain bf16 {plain_loss:.4f})")
+        del grads
+        torch._dynamo.reset()
+        torch.cuda.empty_cache()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -162,7 +220,10 @@ def main(argv: list[str] | None = None) -> int:
                     worst = max((ours_grads[k] - g).abs().max().item() for k, g in ref_grads.items())
                     largest = max(g.abs().max().item() for g in ref_grads.values())
                     check(f"{name} fp32 grads", worst / largest, args.grad_tol, "max |ours - hf| / largest gradient")
-                del ours32, ours_grads, ref_grads
+                del ours32, ours_grads
+                if dense:
+                    check_fast_paths(path, tokens, labels, runtime, ref_grads, ref_loss, args, check)
+                del ref_grads
                 hf16, hf16_loss, _ = hf_run(path, torch.bfloat16, tokens, labels, device, grads=False)
                 ours16, ours16_loss, _ = ours_run(path, "bf16", tokens, labels, runtime, grads=False)
                 hf_err, ours_err = (hf16 - ref).abs().mean().item(), (ours16 - ref).abs().mean().item()
