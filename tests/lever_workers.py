@@ -21,6 +21,7 @@ from qwen2_megatron.parallel.ddp import wrap_ddp
 from qwen2_megatron.parallel.layout import ParallelLayout
 from qwen2_megatron.parallel.runtime import init_runtime, shutdown_runtime
 from qwen2_megatron.train.config import TrainerConfig
+from qwen2_megatron.train.optimizer import inner_optimizers
 from qwen2_megatron.train import trainer as trainer_module
 from qwen2_megatron.train.trainer import Trainer
 
@@ -114,7 +115,9 @@ def _train(cfg: TrainerConfig) -> dict[str, Any] | str:
         losses = [r["loss"] for r in trainer.train()]
         params = [p for chunk in trainer.model for p in chunk.module.parameters()]
         digest = sum(float(p.detach().double().square().sum()) for p in params)
-        return {"losses": losses, "digest": digest, "graphs": counters["stats"]["unique_graphs"]}
+        groups = [g for inner in inner_optimizers(trainer.optimizer) for g in inner.optimizer.param_groups]
+        adam = "fused" if all(g["fused"] for g in groups) else "default" if not any(g["fused"] for g in groups) else "?"
+        return {"losses": losses, "digest": digest, "graphs": counters["stats"]["unique_graphs"], "adam": adam}
     except (RuntimeError, AssertionError) as err:
         return f"{type(err).__name__}: {err}"
     finally:

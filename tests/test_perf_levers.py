@@ -53,13 +53,15 @@ OVERLAP = DDPConfig(overlap_grad_reduce=True, overlap_param_gather=True, bucket_
 
 
 def _cfg(root: Path, name: str, shape: Qwen2Shape, steps: int, ddp: DDPConfig, resume: str | None = None,
-         save: bool = False, distributed_optimizer: bool = True, **train: object) -> TrainerConfig:
+         save: bool = False, distributed_optimizer: bool = True, fused_adam: bool = True,
+         **train: object) -> TrainerConfig:
     """`steps` steps; a checkpoint at step 2 if `save`; resumed from run `resume`'s checkpoint."""
     return TrainerConfig(
         model=shape, ddp=ddp,
         train=TrainConfig(**{"steps": steps, "global_batch_size": 4, "micro_batch_size": 2, "seq_length": 32,
                              **train}),
-        optim=OptimConfig(lr=1e-3, warmup_steps=1, decay_steps=8, distributed_optimizer=distributed_optimizer),
+        optim=OptimConfig(lr=1e-3, warmup_steps=1, decay_steps=8, distributed_optimizer=distributed_optimizer,
+                          fused_adam=fused_adam),
         data=demo_mixture(num_workers=0),  # replaced by seeded random tokens (lever_workers)
         log=LogConfig(interval=100, progress_bar=False),
         run=RunConfig(dir=str(root / name), name=name),
@@ -75,6 +77,10 @@ def _train_runs(root: Path) -> dict[str, TrainerConfig]:
         # overlapped run's checkpoint, written with the all-gather still pending
         "a_plain": _cfg(root, "a_plain", DENSE, 3, PLAIN),
         "a_overlap": _cfg(root, "a_overlap", DENSE, 3, OVERLAP, save=True),
+        # optim.fused_adam=false: megatron's torch AdamW as it builds it (torch's default form)
+        "a_default_adam": _cfg(root, "a_default", DENSE, 3, PLAIN, fused_adam=False),
+        "c_default_adam_allreduce": _cfg(root, "c3", DENSE, 2, PLAIN, distributed_optimizer=False,
+                                         fused_adam=False, micro_batch_size=1),
         "b_plain_from_overlap": _cfg(root, "b", DENSE, 3, PLAIN, resume="a_overlap"),
         # compiled layers: one eager wait per compiled layer instead of megatron's per-module hooks
         "e_overlap_compiled": _cfg(root, "e", DENSE, 3, OVERLAP, compile="layers"),
@@ -161,6 +167,23 @@ def test_trajectories_match(results: dict, plain: str, other: str) -> None:
     for rank in _runs(results):  # parameters after training: whole, and the same, on every rank
         a, b = rank[plain]["digest"], rank[other]["digest"]
         assert abs(a - b) <= SAME * a, (a, b)
+
+
+@pytest.mark.parametrize("fused, default", [("a_plain", "a_default_adam"),
+                                            ("c_plain_allreduce", "c_default_adam_allreduce")])
+def test_fused_adam_follows_the_default_trajectory(results: dict, fused: str, default: str) -> None:
+    """torch's fused AdamW (optim.fused_adam, the default) is the same update as the AdamW
+    megatron builds (torch's default form: foreach on GPU, a loop on CPU), up to rounding; with
+    the distributed optimizer and without."""
+    for rank in _runs(results):
+        assert rank[fused]["adam"] == "fused" and rank[default]["adam"] == "default"
+    reference, losses = _losses(results, default), _losses(results, fused)
+    worst = max(abs(a - b) for a, b in zip(reference, losses))
+    print(f"fused vs default AdamW: losses {losses}, max |diff| = {worst:.2e}")
+    assert worst <= 1e-5
+    for rank in _runs(results):
+        a, b = rank[default]["digest"], rank[fused]["digest"]
+        assert abs(a - b) <= 1e-5 * a, (a, b)
 
 
 def test_fused_loss_with_overlapped_param_gather(results: dict) -> None:

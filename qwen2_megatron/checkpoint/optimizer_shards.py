@@ -32,6 +32,8 @@ from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTenso
 from megatron.core.dist_checkpointing.utils import extract_sharded_tensors_and_factories
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
+from qwen2_megatron.train.optimizer import inner_optimizers
+
 Box = tuple[tuple[int, ...], tuple[int, ...], int]
 
 
@@ -93,10 +95,6 @@ def restore_optimizer_state(optimizer: Any, model_state: dict[str, Any], loaded:
 def _model_metadata(model_state: dict[str, Any]) -> dict[torch.Tensor, Any]:
     tensors, _ = extract_sharded_tensors_and_factories(model_state)
     return {sh.data: sh for sh in nested_values(tensors)}
-
-
-def inner_optimizers(optimizer: Any) -> list[Any]:
-    return list(getattr(optimizer, "chained_optimizers", [optimizer]))
 
 
 def _states(inner: DistributedOptimizer, param: torch.nn.Parameter) -> dict[str, torch.Tensor]:

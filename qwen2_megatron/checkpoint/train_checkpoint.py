@@ -19,7 +19,7 @@ import json
 import random
 from dataclasses import asdict
 from functools import partial
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -37,14 +37,11 @@ from qwen2_megatron.checkpoint.model_checkpoint import (
     sharded_model_state,
     write_info,
 )
-from qwen2_megatron.checkpoint.optimizer_shards import (
-    inner_optimizers,
-    restore_optimizer_state,
-    sharded_optimizer_state,
-)
+from qwen2_megatron.checkpoint.optimizer_shards import restore_optimizer_state, sharded_optimizer_state
 from qwen2_megatron.checkpoint.store import TRAIN_STATE
 from qwen2_megatron.model.shape import Qwen2Shape
 from qwen2_megatron.parallel.layout import ParallelLayout
+from qwen2_megatron.train.optimizer import adam_step_tensor, inner_optimizers
 
 # megatron-core's own background writer (a forked process per save). The alternative, "nvrx",
 # needs nvidia-resiliency-ext, which has no wheel for this Python.
@@ -153,8 +150,8 @@ def _initialise_states(optimizer: Any) -> None:
     for inner in inner_optimizers(optimizer):
         if not inner.optimizer.state and getattr(inner, "init_state_fn", None) is not None:
             inner.init_state_fn(inner.optimizer, inner.config)
-        for state in inner.optimizer.state.values():
-            state.setdefault("step", torch.tensor(0.0))
+        for group, param, state in _adam_states(inner.optimizer):
+            state.setdefault("step", adam_step_tensor(group, param, 0))
 
 
 def _adam_step(optimizer: Any) -> int:
@@ -171,8 +168,16 @@ def _adam_step(optimizer: Any) -> int:
 
 def _set_adam_step(optimizer: Any, step: int) -> None:
     for inner in inner_optimizers(optimizer):
-        for state in inner.optimizer.state.values():
-            state["step"] = torch.tensor(float(step), dtype=torch.float32)
+        for group, param, state in _adam_states(inner.optimizer):
+            state["step"] = adam_step_tensor(group, param, step)
+
+
+def _adam_states(adam: torch.optim.Optimizer) -> Iterator[tuple[dict[str, Any], torch.Tensor, dict[str, Any]]]:
+    """(parameter group, parameter, its state) for every parameter that has state."""
+    for group in adam.param_groups:
+        for param in group["params"]:
+            if param in adam.state:
+                yield group, param, adam.state[param]
 
 
 def _rng_state() -> dict[str, Any]:

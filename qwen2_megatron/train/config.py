@@ -44,6 +44,7 @@ class OptimConfig:
     wsd_decay_steps: int | None = None  # wsd: length of the final decay (default: 10% of steps)
     wsd_decay_style: str = "cosine"  # linear | cosine | exponential | minus_sqrt
     distributed_optimizer: bool = True  # shard optimizer state over data-parallel ranks
+    fused_adam: bool = True  # torch's fused AdamW kernel where megatron-core falls back to torch's AdamW
 
 
 @dataclass
