@@ -106,6 +106,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--peak-tflops", type=float, default=None, help="per-device peak for MFU (default: known GPUs)")
     p.add_argument("--json-out", type=Path, default=None, help="also append the JSON line to this file")
     p.add_argument("--label", default=None, help="a name for this case in the JSON line")
+    p.add_argument("--profile", type=Path, default=None, metavar="FILE",
+                   help="after timing, profile 2 more steps of each side with torch.profiler: print the "
+                        "kernels that take the most device time and write the whole table to FILE.SIDE.txt")
     args = p.parse_args(argv)
     for name in ("seq", "micro_batch", "steps"):
         if getattr(args, name) < 1:
@@ -234,7 +237,7 @@ def _sync(device: Any) -> None:
         torch.cuda.synchronize()
 
 
-def time_steps(step: Callable[[int], float], args: argparse.Namespace, device: Any) -> dict[str, Any]:
+def time_steps(step: Callable[[int], float], args: argparse.Namespace, device: Any, side: str) -> dict[str, Any]:
     """Run warm-up + measured steps; per-step wall times of the measured ones and the losses."""
     times, losses = [], []
     for i in range(args.warmup + args.steps):
@@ -248,7 +251,26 @@ def time_steps(step: Callable[[int], float], args: argparse.Namespace, device: A
             times.append(seconds)
         if i == 0:
             print(f"  first step {seconds:.2f} s (loss {loss:.4f})", flush=True)
+    if args.profile is not None:
+        profile_steps(step, args.warmup + args.steps, args.profile.with_name(f"{args.profile.name}.{side}.txt"), device)
     return {"times": times, "losses": losses}
+
+
+def profile_steps(step: Callable[[int], float], first: int, out: Path, device: Any) -> None:
+    """Two more steps under torch.profiler: where a step's device time goes, kernel by kernel."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for i in range(first, first + 2):
+            step(i)
+        _sync(device)
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    table = prof.key_averages().table(sort_by=sort, row_limit=60, max_name_column_width=70)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(table)
+    print(f"  profile of 2 steps ({out}), top kernels:")
+    print("\n".join(table.splitlines()[:28]), flush=True)
 
 
 def summarize(run: dict[str, Any], tokens_per_step: int, flops_per_token: float, peak: float | None) -> dict[str, Any]:
@@ -310,7 +332,7 @@ def run_ours(args: argparse.Namespace, cfg: Any, batches: list[dict[str, Any]], 
         trainer.loader = _Feed(batches)
         params = sum(p.numel() for chunk in trainer.model for p in chunk.module.parameters())
         print(f"  ours: {params:,} parameters, built; training", flush=True)
-        run = time_steps(lambda i: trainer.train_step()["loss"], args, device)
+        run = time_steps(lambda i: trainer.train_step()["loss"], args, device, "ours")
         run["params"] = params
         run["peak_memory_gib"] = peak_memory_gib()
         return run
@@ -363,7 +385,7 @@ def run_hf(args: argparse.Namespace, cfg: Any, batches: list[dict[str, Any]], de
 
     print(f"  hf: {params:,} parameters, built; training ({'eager' if not args.compile else 'torch.compile'})", flush=True)
     try:
-        run = time_steps(step, args, device)
+        run = time_steps(step, args, device, "hf")
         run["params"] = params
         run["peak_memory_gib"] = peak_memory_gib()
         return run

@@ -12,14 +12,16 @@
 # Python: the argument (a venv directory or an interpreter), else .venv/bin/python, else python3.
 # Wheels in .whl/ are installed offline into /tmp/site (--no-deps) and put on PYTHONPATH.
 # Everything goes to $OUT (default /tmp/gpu_check_out): gpu_check.log, parity.json, bench.jsonl,
-# summary.txt. Knobs (environment): GPU_CHECK_BUDGET_S (default 450: seconds for all cases after
-# the pre-flight; a case that would start with under 45 s left is skipped), WARMUP (3), STEPS (8),
+# summary.txt, and profile_7b-8L.{ours,hf}.txt (torch.profiler's kernel table of 2 steps of each
+# side). Knobs (environment): GPU_CHECK_BUDGET_S (default 450: seconds for all cases after the
+# pre-flight; a case that would start with under 45 s left is skipped), WARMUP (3), STEPS (8),
 # MBS_05B / MBS_15B / MBS_7B / MOE_LAYERS (default by GPU memory, see below), FAST (the overrides
-# of "ours" in the *-fast cases and beside hf in 7b, 0.5b and moe; default compiled layers + fused
-# LM loss), CASES (default "parity 1.5b 1.5b-fast 7b 1.5b-liger 0.5b moe": 1.5b is hf beside our
-# plain path, 1.5b-fast and 1.5b-liger ours alone with FAST or with the Liger kernels + fused
-# LM loss; run in order while the budget lasts). GPU_CHECK_CPU_SMOKE=1 runs the same plumbing on CPU with tiny models and
-# 64-token sequences (to test this script without a GPU; the numbers mean nothing).
+# of "ours" beside hf in the 1.5b, 7b and 0.5b cases; default compiled layers + fused LM loss),
+# CASES (default "parity 1.5b 7b 0.5b 1.5b-plain 1.5b-liger moe", run in order while the budget
+# lasts: 1.5b-plain and 1.5b-liger train ours alone, on the plain path or with the Liger kernels +
+# fused LM loss; moe is hf beside ours with the fused LM loss and grouped-GEMM experts).
+# GPU_CHECK_CPU_SMOKE=1 runs the same plumbing on CPU with tiny models and 64-token sequences (to
+# test this script without a GPU; the numbers mean nothing). Results so far: tools/GPU_RESULTS.md.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2
 REPO=$PWD
@@ -42,7 +44,7 @@ mkdir -p "$OUT"
 BUDGET_S=${GPU_CHECK_BUDGET_S:-450}
 WARMUP=${WARMUP:-3}
 STEPS=${STEPS:-8}
-CASES=${CASES:-parity 1.5b 1.5b-fast 7b 1.5b-liger 0.5b moe}
+CASES=${CASES:-parity 1.5b 7b 0.5b 1.5b-plain 1.5b-liger moe}
 read -r -a FAST <<< "${FAST:-train.compile=layers train.fused_lm_loss=true}"
 SMOKE=${GPU_CHECK_CPU_SMOKE:-0}
 
@@ -113,17 +115,19 @@ EOF
     for case in $CASES; do
         case $case in
             parity) run_case parity 120 "$t0" "$py" "${parity[@]}" ;;
-            1.5b) run_case qwen2_1.5b 150 "$t0" "$py" "${bench[@]}" --preset "$p15" --micro-batch "$mbs15" --label qwen2_1.5b ;;
-            1.5b-fast) run_case qwen2_1.5b-fast 100 "$t0" "$py" "${bench[@]}" --preset "$p15" --micro-batch "$mbs15" \
-                    --only ours "${fast[@]}" --label qwen2_1.5b-fast ;;
+            1.5b) run_case qwen2_1.5b 150 "$t0" "$py" "${bench[@]}" --preset "$p15" --micro-batch "$mbs15" "${fast[@]}" \
+                    --label qwen2_1.5b-fast ;;
+            1.5b-plain) run_case qwen2_1.5b-plain 100 "$t0" "$py" "${bench[@]}" --preset "$p15" --micro-batch "$mbs15" \
+                    --only ours --label qwen2_1.5b-plain ;;
             1.5b-liger) run_case qwen2_1.5b-liger 100 "$t0" "$py" "${bench[@]}" --preset "$p15" --micro-batch "$mbs15" \
                     --only ours --override "train.liger_kernels=[rms_norm,swiglu,rope]" --fused-loss --label qwen2_1.5b-liger ;;
             7b) run_case qwen2_7b-8L 150 "$t0" "$py" "${bench[@]}" --preset "$p7" --layers 8 --micro-batch "$mbs7" \
-                    "${fast[@]}" --label qwen2_7b-8L-fast ;;
+                    "${fast[@]}" --profile "$OUT/profile_7b-8L" --label qwen2_7b-8L-fast ;;
             0.5b) run_case qwen2_0.5b 150 "$t0" "$py" "${bench[@]}" --preset "$p05" --micro-batch "$mbs05" "${fast[@]}" \
                     --label qwen2_0.5b-fast ;;
             moe) run_case "qwen2_57b_a14b-${moe_layers}L" 150 "$t0" "$py" "${bench[@]}" --preset "$pmoe" \
-                    --layers "$moe_layers" --micro-batch 1 --fused-loss --label "qwen2_57b_a14b-${moe_layers}L" ;;
+                    --layers "$moe_layers" --micro-batch 1 --fused-loss --override train.moe_grouped_gemm=true \
+                    --label "qwen2_57b_a14b-${moe_layers}L-grouped" ;;
             *) echo "unknown case $case" ;;
         esac
     done
