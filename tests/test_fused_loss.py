@@ -113,6 +113,28 @@ def test_out_of_vocabulary_labels_follow_megatron() -> None:
     assert torch.allclose(loss[1:], _reference(hidden, weight, labels)[1:])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_chunk_math_equals_eager(dtype: torch.dtype) -> None:
+    """train.fused_lm_loss_compile: the chunk arithmetic through torch.compile (inductor's CPU
+    backend here, Triton on a GPU) gives the eager losses and gradients, uneven last chunks (token
+    and vocabulary) and an out-of-vocabulary label included."""
+    hidden, weight, labels = _tiny(torch.float32, s=13, b=3, h=16, v=70)
+    hidden, weight = hidden.to(dtype), weight.to(dtype)
+    labels[2, 1] = -100
+    grad_out = torch.randn(labels.shape)
+    results = []
+    for compiled in (False, True):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        out = fused_linear_cross_entropy(h, w, labels, chunk_tokens=8, compiled=compiled)
+        out.backward(grad_out)
+        results.append((out, h.grad, w.grad))
+    # fp32: the same up to summation order; bf16: the gradients are rounded to bf16 at the end
+    tol = REL_TOL if dtype == torch.float32 else 1e-2
+    for got, want in zip(results[1], results[0]):
+        assert got.dtype == want.dtype and got.shape == want.shape
+        assert (got.float() - want.float()).abs().max() <= tol * want.float().abs().max()
+
+
 def _trainer_cfg(root: Path, fused: bool) -> TrainerConfig:
     name = "fused" if fused else "plain"
     train = TrainConfig(steps=2, global_batch_size=4, micro_batch_size=2, seq_length=32, eval_interval=2,
@@ -130,6 +152,13 @@ def test_chunk_size_is_validated(tmp_path: Path) -> None:
     cfg = _trainer_cfg(tmp_path, fused=True)
     cfg.train.fused_lm_loss_chunk = 0
     with pytest.raises(ConfigError, match="fused_lm_loss_chunk"):
+        validate(cfg, world_size=2)
+
+
+def test_compiling_an_absent_fused_loss_is_an_error(tmp_path: Path) -> None:
+    cfg = _trainer_cfg(tmp_path, fused=False)
+    cfg.train.fused_lm_loss_compile = True
+    with pytest.raises(ConfigError, match="train.fused_lm_loss=true"):
         validate(cfg, world_size=2)
 
 

@@ -17,9 +17,10 @@
 # pre-flight; a case that would start with under 45 s left is skipped), WARMUP (3), STEPS (8),
 # MBS_05B / MBS_15B / MBS_7B / MOE_LAYERS (default by GPU memory, see below), FAST (the overrides
 # of "ours" beside hf in the 1.5b, 7b and 0.5b cases; default compiled layers + fused LM loss),
-# CASES (default "parity 1.5b 7b 0.5b 1.5b-plain 1.5b-liger moe", run in order while the budget
-# lasts: 1.5b-plain and 1.5b-liger train ours alone, on the plain path or with the Liger kernels +
-# fused LM loss; moe is hf beside ours with the fused LM loss and grouped-GEMM experts).
+# CASES (default "parity 1.5b 7b 0.5b 0.5b-losscompile 1.5b-plain 1.5b-liger moe", run in order
+# while the budget lasts: 0.5b-losscompile, 1.5b-plain and 1.5b-liger train ours alone, with FAST
+# + train.fused_lm_loss_compile, on the plain path, or with the Liger kernels + fused LM loss;
+# moe is hf beside ours with the fused LM loss and grouped-GEMM experts).
 # GPU_CHECK_CPU_SMOKE=1 runs the same plumbing on CPU with tiny models and 64-token sequences (to
 # test this script without a GPU; the numbers mean nothing). Results so far: tools/GPU_RESULTS.md.
 set -uo pipefail
@@ -44,7 +45,7 @@ mkdir -p "$OUT"
 BUDGET_S=${GPU_CHECK_BUDGET_S:-450}
 WARMUP=${WARMUP:-3}
 STEPS=${STEPS:-8}
-CASES=${CASES:-parity 1.5b 7b 0.5b 1.5b-plain 1.5b-liger moe}
+CASES=${CASES:-parity 1.5b 7b 0.5b 0.5b-losscompile 1.5b-plain 1.5b-liger moe}
 read -r -a FAST <<< "${FAST:-train.compile=layers train.fused_lm_loss=true}"
 SMOKE=${GPU_CHECK_CPU_SMOKE:-0}
 
@@ -117,6 +118,9 @@ EOF
             parity) run_case parity 120 "$t0" "$py" "${parity[@]}" ;;
             1.5b) run_case qwen2_1.5b 150 "$t0" "$py" "${bench[@]}" --preset "$p15" --micro-batch "$mbs15" "${fast[@]}" \
                     --label qwen2_1.5b-fast ;;
+            0.5b-losscompile) run_case qwen2_0.5b-losscompile 100 "$t0" "$py" "${bench[@]}" --preset "$p05" \
+                    --micro-batch "$mbs05" --only ours "${fast[@]}" --override train.fused_lm_loss_compile=true \
+                    --label qwen2_0.5b-fast-losscompile ;;
             1.5b-plain) run_case qwen2_1.5b-plain 100 "$t0" "$py" "${bench[@]}" --preset "$p15" --micro-batch "$mbs15" \
                     --only ours --label qwen2_1.5b-plain ;;
             1.5b-liger) run_case qwen2_1.5b-liger 100 "$t0" "$py" "${bench[@]}" --preset "$p15" --micro-batch "$mbs15" \

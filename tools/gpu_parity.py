@@ -12,7 +12,7 @@ same random tokens through torch SDPA attention. Checks:
   times transformers' own bf16 error, plus a small floor (bf16 rounding differs between any two
   implementations, so "as accurate as transformers" is the criterion), both in mean and in loss;
 - fast paths (dense): bf16 loss and gradients of our model with each fast path (Liger
-  kernels when liger-kernel is installed, compiled layers, the fused LM loss) against the fp32
+  kernels when liger-kernel is installed, compiled layers, the fused LM loss eager and compiled) against the fp32
   reference are within --bf16-factor of the plain bf16 path's error (relative L2 over all
   gradients), plus a small floor.
 Prints one line per check, a JSON summary as the last line (--json-out appends it to a file),
@@ -85,21 +85,21 @@ def hf_run(path: Path, dtype: Any, tokens: Any, labels: Any, device: Any, grads:
     return result
 
 
-def ours_bf16_grads(path: Path, tokens: Any, labels: Any, runtime: Any, fast: Any, fused: bool) -> tuple[float, dict]:
-    """Loss and gradients (HF names) of our bf16 model trained one step with the given fast paths."""
+def ours_bf16_grads(path: Path, tokens: Any, labels: Any, runtime: Any, fast: Any, fused: Any) -> tuple[float, dict]:
+    """Loss and gradients (HF names) of our bf16 model trained one step with the given fast paths
+    and LM loss (a FusedLMLoss, or None: megatron's output layer + cross-entropy)."""
     import torch
 
     from qwen2_megatron.convert.hf_io import HFCheckpoint, gather_hf_state, load_hf_weights
     from qwen2_megatron.model.builder import build_model
     from qwen2_megatron.model.forward import forward_backward
-    from qwen2_megatron.model.fused_loss import FusedLMLoss
     from qwen2_megatron.parallel.ddp import wrap_ddp
 
     ckpt = HFCheckpoint(path)
     chunks = wrap_ddp(build_model(ckpt.shape, runtime.layout, "bf16", perform_initialization=False, fast=fast))
     load_hf_weights([c.module for c in chunks], ckpt)
     batch = {"tokens": tokens, "labels": labels, "loss_mask": torch.ones_like(labels, dtype=torch.float32)}
-    losses = forward_backward(chunks, [batch], fused_loss=FusedLMLoss() if fused else None)
+    losses = forward_backward(chunks, [batch], fused_loss=fused)
     loss = float(losses[0]["lm loss"])
     grads = {k: v.float() for k, v in gather_hf_state([c.module for c in chunks], ckpt.shape, grads=True).items()}
     del chunks
@@ -146,13 +146,15 @@ def check_fast_paths(path: Path, tokens: Any, labels: Any, runtime: Any, ref_gra
 
     from qwen2_megatron.model import liger
     from qwen2_megatron.model.fast_paths import FastPaths
+    from qwen2_megatron.model.fused_loss import FusedLMLoss
 
-    plain_loss, plain = ours_bf16_grads(path, tokens, labels, runtime, FastPaths(), fused=False)
+    plain_loss, plain = ours_bf16_grads(path, tokens, labels, runtime, FastPaths(), fused=None)
     plain_err = grad_error(plain, ref_grads)
     print(f"     dense bf16 plain path vs fp32 reference: grads rel-L2 {plain_err:.3e}, loss {plain_loss - ref_loss:+.3e}")
-    variants = {"compiled layers": (FastPaths(compile="layers"), False), "fused LM loss": (FastPaths(), True)}
+    variants = {"compiled layers": (FastPaths(compile="layers"), None), "fused LM loss": (FastPaths(), FusedLMLoss()),
+                "compiled fused LM loss": (FastPaths(), FusedLMLoss(compiled=True))}
     if liger.available():
-        variants = {"liger kernels": (FastPaths(liger=liger.KERNELS), False), **variants}
+        variants = {"liger kernels": (FastPaths(liger=liger.KERNELS), None), **variants}
     else:
         print("     liger-kernel not installed: Liger kernels not checked")
     for label, (fast, fused) in variants.items():

@@ -76,6 +76,54 @@ def _tp_rank(group: dist.ProcessGroup | None) -> int:
     return 0 if group is None else dist.get_rank(group)
 
 
+def _row_max(logits: Tensor, acc: torch.dtype) -> Tensor:
+    """Per-row max of a chunk's logits, in the loss dtype."""
+    return logits.to(acc).amax(dim=-1)
+
+
+def _target_and_sum_exp(logits: Tensor, row_max: Tensor, local: Tensor, acc: torch.dtype) -> tuple[Tensor, Tensor]:
+    """(logit of each row's target minus the row max, or 0 where another TP rank owns the target;
+    sum of exp(logits - row max)) for a chunk [c, V/TP]; `local` is the target's column here."""
+    shifted = logits.to(acc)  # in place from here: a copy unless the logits are already fp32
+    shifted -= row_max.unsqueeze(-1)
+    v_local = shifted.shape[-1]
+    mine = (local >= 0) & (local < v_local)
+    target = shifted.gather(-1, local.clamp(0, v_local - 1).unsqueeze(-1)).squeeze(-1)
+    return torch.where(mine, target, 0.0), shifted.exp_().sum(dim=-1)
+
+
+def _grad_logits(logits: Tensor, lse: Tensor, grad_loss: Tensor, column: Tensor) -> Tensor:
+    """d loss / d logits of a vocabulary chunk [T, cv], in the logits' dtype: (softmax minus the
+    one-hot of the targets that fall in this chunk, `column` in 0..cv-1) times the loss gradient."""
+    probs = logits.to(lse.dtype)
+    probs -= lse.unsqueeze(-1)
+    probs.exp_()
+    hit = (column >= 0) & (column < probs.shape[-1])  # no boolean indexing: no host sync
+    rows = torch.arange(probs.shape[0], device=probs.device)
+    probs.index_put_((rows, column.clamp(0, probs.shape[-1] - 1)), -hit.to(probs.dtype), accumulate=True)
+    probs *= grad_loss.unsqueeze(-1)
+    return probs.to(logits.dtype)
+
+
+@dataclass(frozen=True)
+class ChunkMath:
+    """The element-wise and reduction work on each chunk of logits, apart from the GEMMs and the
+    TP collectives. Eager, it makes about six fp32 passes over each chunk in forward and seven in
+    backward, and holds an fp32 copy of it. That is where the eager fused loss lost to transformers'
+    compiled cross-entropy on an H200 (tools/GPU_RESULTS.md). Compiled (torch.compile, inductor),
+    each function can become one or two fused kernels that read the chunk's logits once in their
+    own dtype (train.fused_lm_loss_compile; not yet measured on a GPU)."""
+
+    row_max: Any
+    target_and_sum_exp: Any
+    grad_logits: Any
+
+
+_EAGER = ChunkMath(_row_max, _target_and_sum_exp, _grad_logits)
+# dynamic=None: the first shapes compile static; the last, shorter chunk recompiles once, dynamic.
+_COMPILED = ChunkMath(*(torch.compile(f) for f in (_row_max, _target_and_sum_exp, _grad_logits)))
+
+
 class FusedLinearCrossEntropy(torch.autograd.Function):
     """Per-token cross-entropy of logits = hidden @ weight.T over a vocabulary sharded over TP.
 
@@ -96,6 +144,7 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
         sequence_parallel: bool,
         chunk_tokens: int,
         gradient_accumulation_fusion: bool,
+        compiled: bool,
     ) -> Tensor:
         tp = _tp_size(tp_group)
         total = _gather_along_first_dim(hidden, tp_group) if sequence_parallel and tp > 1 else hidden
@@ -108,18 +157,14 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
         acc = _loss_dtype(x.dtype)
         loss = torch.empty(n, dtype=acc, device=x.device)
         lse = torch.empty(n, dtype=acc, device=x.device)
+        chunk = _COMPILED if compiled else _EAGER
         for start in range(0, n, chunk_tokens):
             end = min(start + chunk_tokens, n)
-            logits = torch.matmul(x[start:end], weight.t()).to(acc)  # [c, V/TP] fp32
-            row_max = logits.max(dim=-1).values
+            logits = torch.matmul(x[start:end], weight.t())  # [c, V/TP] compute dtype
+            row_max = chunk.row_max(logits, acc)
             if tp > 1:
                 dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=tp_group)
-            logits -= row_max.unsqueeze(-1)
-            local = target[start:end] - vocab_start
-            mine = (local >= 0) & (local < v_local)
-            rows = torch.arange(end - start, device=x.device)
-            picked = torch.where(mine, logits[rows, local.clamp(0, v_local - 1)], 0.0)
-            sum_exp = logits.exp_().sum(dim=-1)
+            picked, sum_exp = chunk.target_and_sum_exp(logits, row_max, target[start:end] - vocab_start, acc)
             del logits
             if tp > 1:
                 both = torch.stack([picked, sum_exp])
@@ -133,6 +178,7 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
         ctx.sequence_parallel = sequence_parallel and tp > 1
         ctx.chunk_tokens = chunk_tokens
         ctx.vocab_start = vocab_start
+        ctx.chunk = chunk
         # As megatron's linear layer: the buffer is looked up at forward (a module may be reused).
         ctx.main_grad = getattr(weight, "main_grad", None) if gradient_accumulation_fusion else None
         return loss.view(labels.shape)
@@ -154,19 +200,10 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
         # Vocabulary columns per chunk: the chunk's logits no larger than a forward chunk's.
         cols = max(1, min(v_local, math.ceil(ctx.chunk_tokens * v_local / max(n, 1))))
         local = target - ctx.vocab_start
-        rows = torch.arange(n, device=x.device)
         for start in range(0, v_local, cols):
             end = min(start + cols, v_local)
             w = weight[start:end]
-            probs = torch.matmul(x, w.t()).to(acc)  # [T, cv] fp32
-            probs -= lse.unsqueeze(-1)
-            probs.exp_()
-            # minus the one-hot of targets in these columns (no boolean indexing: no host sync)
-            hit = (local >= start) & (local < end)
-            probs[rows, (local - start).clamp(0, end - start - 1)] -= hit.to(acc)
-            probs *= g.unsqueeze(-1)
-            grad_logits = probs.to(x.dtype)
-            del probs
+            grad_logits = ctx.chunk.grad_logits(torch.matmul(x, w.t()), lse, g, local - start)  # [T, cv]
             if grad_x.dtype == grad_logits.dtype:
                 grad_x.addmm_(grad_logits, w)
             else:
@@ -195,7 +232,7 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
                 else:
                     grad_w = torch.empty(main_grad.shape, dtype=hidden.dtype, device=hidden.device)
                 weight.grad_added_to_main_grad = True
-        return grad_hidden, grad_w, None, None, None, None, None
+        return grad_hidden, grad_w, None, None, None, None, None, None
 
 
 def fused_linear_cross_entropy(
@@ -206,12 +243,16 @@ def fused_linear_cross_entropy(
     sequence_parallel: bool = False,
     chunk_tokens: int = 2048,
     gradient_accumulation_fusion: bool = False,
+    compiled: bool = False,
 ) -> Tensor:
-    """Per-token fp32 loss [s, b] of hidden [s(/TP), b, H] against labels [s, b]; see the class."""
+    """Per-token fp32 loss [s, b] of hidden [s(/TP), b, H] against labels [s, b]; see the class.
+
+    compiled: run the per-chunk arithmetic through torch.compile (ChunkMath).
+    """
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens={chunk_tokens} must be >= 1")
     return FusedLinearCrossEntropy.apply(
-        hidden, weight, labels, tp_group, sequence_parallel, chunk_tokens, gradient_accumulation_fusion
+        hidden, weight, labels, tp_group, sequence_parallel, chunk_tokens, gradient_accumulation_fusion, compiled
     )
 
 
@@ -227,6 +268,7 @@ class FusedLMLoss:
     """
 
     chunk_tokens: int = 2048
+    compiled: bool = False  # the per-chunk arithmetic through torch.compile (ChunkMath)
 
     def __call__(
         self,
@@ -261,5 +303,6 @@ class FusedLMLoss:
             sequence_parallel=output_layer.sequence_parallel,
             chunk_tokens=self.chunk_tokens,
             gradient_accumulation_fusion=output_layer.gradient_accumulation_fusion,
+            compiled=self.compiled,
         )
         return loss.transpose(0, 1).contiguous()

@@ -70,6 +70,7 @@ class TrainConfig:
     recompute: str = "none"  # none | selective (attention core) | full (whole layers)
     fused_lm_loss: bool = False  # output layer + cross-entropy in chunks, no [tokens, vocab] logits
     fused_lm_loss_chunk: int = 2048  # tokens per chunk of the fused LM loss (its memory: chunk x vocab/TP)
+    fused_lm_loss_compile: bool = False  # the fused LM loss's per-chunk arithmetic through torch.compile
     on_nonfinite: str = "skip"  # skip the step | stop the run
     max_consecutive_skips: int = 5
     eval_interval: int = 0  # steps between evaluations; 0 = never
@@ -178,6 +179,9 @@ def validate(cfg: TrainerConfig, world_size: int, have_te: bool = False) -> Para
                 "train.fused_lm_loss_chunk"):
         if _get(cfg, key) < 1:
             raise ConfigError(f"{key}={_get(cfg, key)} must be >= 1")
+    if t.fused_lm_loss_compile and not t.fused_lm_loss:
+        raise ConfigError("train.fused_lm_loss_compile=true compiles the fused LM loss, which is off: "
+                          "set train.fused_lm_loss=true as well")
     for key in ("checkpoint.interval", "checkpoint.keep_every", "train.eval_interval"):
         if _get(cfg, key) < 0:
             raise ConfigError(f"{key}={_get(cfg, key)} must be >= 0 (0 turns it off)")

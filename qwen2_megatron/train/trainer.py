@@ -84,7 +84,11 @@ class Trainer:
         )
         self.optimizer = build_optimizer(cfg.optim, cfg.train.precision, self.model)
         self.scheduler = build_scheduler(cfg.optim, cfg.train, self.optimizer)
-        self.fused_loss = FusedLMLoss(cfg.train.fused_lm_loss_chunk) if cfg.train.fused_lm_loss else None
+        self.fused_loss = (
+            FusedLMLoss(cfg.train.fused_lm_loss_chunk, compiled=cfg.train.fused_lm_loss_compile)
+            if cfg.train.fused_lm_loss
+            else None
+        )
 
         self.tokenizer = QwenTokenizer(cfg.data.tokenizer)
         self.dp_rank = parallel_state.get_data_parallel_rank()
