@@ -57,7 +57,9 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
         # bf16: the optimizer's fp32 main weights are tensors of their own (in fp32, views of the weights)
         "ref_moe_bf16": _cfg(root, "ref_moe_bf16", 6, ep2, moe=True, precision="bf16", save_at_end=False),
         "moe_bf16_first": _cfg(root, "moe_bf16", 3, ep2, moe=True, precision="bf16"),
-        "moe_bf16_resumed": _cfg(root, "moe_bf16", 6, ep2, moe=True, precision="bf16"),
+        # resumed with checkpoint.fully_parallel_load: the dense weights, alike on both DP ranks,
+        # are read half by each and exchanged
+        "moe_bf16_resumed": _cfg(root, "moe_bf16", 6, ep2, moe=True, precision="bf16", fully_parallel_load=True),
         # background saves every step (each waits for the one before), then resumed
         "async_first": _cfg(root, "async", 3, dp2, interval=1, async_save=True),
         "async_resumed": _cfg(root, "async", 6, dp2, interval=2, async_save=True),
@@ -68,7 +70,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
         step3 = Path("checkpoints") / "step_00000003"
         shutil.copytree(root / source / step3, root / target / step3)
     two = {
-        "tp2_to_dp2": _cfg(root, "tp2_to_dp2", 6, dp2, save_at_end=False),
+        "tp2_to_dp2": _cfg(root, "tp2_to_dp2", 6, dp2, save_at_end=False, fully_parallel_load=True),
         "tp2_to_pp2": _cfg(root, "tp2_to_pp2", 6, pp2, save_at_end=False),
         "ep2_to_ep1": _cfg(root, "ep2_to_ep1", 6, dp2, moe=True, save_at_end=False),
     }

@@ -8,7 +8,11 @@ distributed optimizer on `nproc` local ranks and trains it on random tokens. Tim
 step; full synchronous checkpoints (model + optimizer, torch_dist, fsync'd, published
 atomically); asynchronous checkpoints (the part that blocks training, then a training step run
 while the background writer works, then the time until published); and, after each synchronous
-save, a plain sequential write of the same number of bytes with fsync on the same disk.
+save, a plain sequential write of the same number of bytes with fsync on the same disk. Then
+loads of the last synchronous checkpoint (model + optimizer, as a resume does), with every rank
+reading all the weights and with checkpoint.fully_parallel_load (the weights' reading spread over
+the data-parallel ranks, then exchanged), and the bytes rank 0 read (/proc/self/io rchar:
+page-cache hits included).
 """
 
 from __future__ import annotations
@@ -35,9 +39,19 @@ def raw_write(path: Path, nbytes: int) -> float:
     return seconds
 
 
+def _bytes_read() -> int:
+    """Bytes this process has read through system calls so far (Linux)."""
+    for line in Path("/proc/self/io").read_text().splitlines():
+        if line.startswith("rchar:"):
+            return int(line.split()[1])
+    raise RuntimeError("/proc/self/io has no rchar line")
+
+
 def save_rank(directory: str, layers: int, repeats: int, seq: int, threads: int) -> dict[str, list[float]]:
     import torch
     import torch.distributed as dist
+
+    from qwen2_megatron.checkpoint.train_checkpoint import load_training
 
     from qwen2_megatron.checkpoint.config import CheckpointConfig
     from qwen2_megatron.checkpoint.manager import CheckpointManager
@@ -99,6 +113,15 @@ def save_rank(directory: str, layers: int, repeats: int, seq: int, threads: int)
             times["step_while_writing"].append(train_step())
             background.wait()
             times["async_total"].append(time.perf_counter() - start)
+        for name, fully_parallel in (("load_every_rank_reads_all", False), ("load_reads_spread", True)):
+            times[name], times[name + "_bytes_read"] = [], []
+            for _ in range(repeats):
+                dist.barrier()
+                start, before = time.perf_counter(), _bytes_read()
+                load_training(path, models, optimizer, shape, runtime.layout, fully_parallel)
+                dist.barrier()
+                times[name].append(time.perf_counter() - start)
+                times[name + "_bytes_read"].append(_bytes_read() - before)
         return times
     finally:
         shutdown_runtime()
@@ -137,6 +160,8 @@ def main() -> None:
         print(f"async save            {best['async_blocking']:.2f} s blocking, then a step of "
               f"{best['step_while_writing']:.2f} s while writing; published after {best['async_total']:.2f} s")
         print(f"step triggering save  {100 * slowed:+.1f}% vs a plain step (async)")
+        for name, label in (("load_every_rank_reads_all", "load"), ("load_reads_spread", "load, fully parallel")):
+            print(f"{label:<22}{best[name]:.2f} s, {best[name + '_bytes_read'] / 2**30:.2f} GiB read by rank 0")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -128,7 +128,9 @@ class CheckpointManager:
         for path in self._candidates():
             problem = self._check(path)
             if problem is None:
-                state = load_training(path, chunks, optimizer, self.shape, self.layout)
+                state = load_training(
+                    path, chunks, optimizer, self.shape, self.layout, self.cfg.fully_parallel_load
+                )
                 if self.main:
                     print(f"resumed from {path} (step {state['step']})", flush=True)
                 return state

@@ -26,8 +26,11 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.strategies.async_utils import AsyncRequest
-from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
-from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
+from megatron.core.dist_checkpointing.strategies.fully_parallel import (
+    FullyParallelLoadStrategyWrapper,
+    FullyParallelSaveStrategyWrapper,
+)
+from megatron.core.dist_checkpointing.strategies.torch import TorchDistLoadShardedStrategy, TorchDistSaveShardedStrategy
 
 from qwen2_megatron.checkpoint.location import Location, torch_load_weights, torch_save, write_text_atomic
 from qwen2_megatron.checkpoint.model_checkpoint import (
@@ -62,6 +65,15 @@ def _save_strategy() -> FullyParallelSaveStrategyWrapper:
     """torch_dist, with the writing of what data-parallel ranks hold alike spread over them."""
     group = parallel_state.get_data_parallel_group(with_context_parallel=True)
     return FullyParallelSaveStrategyWrapper(TorchDistSaveShardedStrategy(), group)
+
+
+def _load_strategy(fully_parallel: bool) -> TorchDistLoadShardedStrategy | FullyParallelLoadStrategyWrapper:
+    """torch_dist; fully_parallel: what data-parallel ranks hold alike (the weights) is read in
+    disjoint parts by them and exchanged (checkpoint.fully_parallel_load)."""
+    if not fully_parallel:
+        return TorchDistLoadShardedStrategy()
+    group = parallel_state.get_data_parallel_group(with_context_parallel=True)
+    return FullyParallelLoadStrategyWrapper(TorchDistLoadShardedStrategy(), group)
 
 
 def save_training(
@@ -117,8 +129,10 @@ def load_training(
     optimizer: Any,
     shape: Qwen2Shape,
     layout: ParallelLayout,
+    fully_parallel: bool = False,
 ) -> dict[str, Any]:
-    """Collective. Restores model, optimizer and (same layout only) RNG; returns train_state."""
+    """Collective. Restores model, optimizer and (same layout only) RNG; returns train_state.
+    fully_parallel: spread the reading of the weights over the data-parallel ranks."""
     check_shape(path, shape)
     state_file = path / TRAIN_STATE
     try:
@@ -127,7 +141,9 @@ def load_training(
         raise CorruptCheckpointError(f"{state_file} cannot be read ({err})") from None
     _initialise_states(optimizer)
     try:
-        loaded = dist_checkpointing.load(_sharded_state(chunks, optimizer, is_loading=True), str(path))
+        loaded = dist_checkpointing.load(
+            _sharded_state(chunks, optimizer, is_loading=True), str(path), sharded_strategy=_load_strategy(fully_parallel)
+        )
     except Exception as err:  # noqa: BLE001 - any read failure means the same thing to the user
         raise CorruptCheckpointError(
             f"{path}: the model/optimizer shards cannot be read ({type(err).__name__}: {err}); "
