@@ -141,9 +141,8 @@ def load_training(
         raise CorruptCheckpointError(f"{state_file} cannot be read ({err})") from None
     _initialise_states(optimizer)
     try:
-        loaded = dist_checkpointing.load(
-            _sharded_state(chunks, optimizer, is_loading=True), str(path), sharded_strategy=_load_strategy(fully_parallel)
-        )
+        sharded = _sharded_state(chunks, optimizer, is_loading=True)
+        loaded = dist_checkpointing.load(sharded, str(path), sharded_strategy=_load_strategy(fully_parallel))
     except Exception as err:  # noqa: BLE001 - any read failure means the same thing to the user
         raise CorruptCheckpointError(
             f"{path}: the model/optimizer shards cannot be read ({type(err).__name__}: {err}); "
