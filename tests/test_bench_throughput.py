@@ -25,7 +25,7 @@ def test_cpu_tiny_reports_both_sides(tmp_path: Path) -> None:
     out_file = tmp_path / "bench.jsonl"
     proc = subprocess.run(
         [sys.executable, str(TOOL), "--device", "cpu", "--preset", "tiny", "--seq", "64", "--steps", "2",
-         "--warmup", "1", "--micro-batch", "2", "--json-out", str(out_file)],
+         "--warmup", "1", "--micro-batch", "2", "--json-out", str(out_file), "--profile", str(tmp_path / "prof")],
         capture_output=True, text=True, timeout=1200, cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -46,6 +46,10 @@ def test_cpu_tiny_reports_both_sides(tmp_path: Path) -> None:
     assert record["ratio"]["tokens_per_s"] == pytest.approx(
         record["ours"]["tokens_per_s"] / record["hf"]["tokens_per_s"]
     )
+    for side in ("ours", "hf"):  # --profile: torch.profiler's table of 2 more steps per side
+        table = (tmp_path / f"prof.{side}.txt").read_text()
+        assert "Self CPU" in table and "aten::mm" in table, table[:500]
+    assert proc.stdout.count("top kernels") == 2
 
 
 def test_overrides_reach_the_trainer_config(tmp_path: Path) -> None:
