@@ -51,10 +51,9 @@ def save_rank(directory: str, layers: int, repeats: int, seq: int, threads: int)
     import torch
     import torch.distributed as dist
 
-    from qwen2_megatron.checkpoint.train_checkpoint import load_training
-
     from qwen2_megatron.checkpoint.config import CheckpointConfig
     from qwen2_megatron.checkpoint.manager import CheckpointManager
+    from qwen2_megatron.checkpoint.train_checkpoint import load_training
     from qwen2_megatron.model.builder import build_model
     from qwen2_megatron.model.forward import forward_backward
     from qwen2_megatron.model.presets import get_preset

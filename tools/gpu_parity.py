@@ -11,10 +11,10 @@ same random tokens through torch SDPA attention. Checks:
 - bf16 logits: our bf16 error against the fp32 reference is at most --bf16-factor (default 1.5)
   times transformers' own bf16 error, plus a small floor (bf16 rounding differs between any two
   implementations, so "as accurate as transformers" is the criterion), both in mean and in loss;
-- fast paths (dense): bf16 loss and gradients of our model with each fast path (Liger
-  kernels when liger-kernel is installed, compiled layers, the fused LM loss eager and compiled) against the fp32
-  reference are within --bf16-factor of the plain bf16 path's error (relative L2 over all
-  gradients), plus a small floor.
+- fast paths (dense): bf16 loss and gradients of our model with each fast path (Liger kernels
+  when liger-kernel is installed, compiled layers, the fused LM loss eager and compiled) against
+  the fp32 reference are within --bf16-factor of the plain bf16 path's error (relative L2 over
+  all gradients), plus a small floor.
 Prints one line per check, a JSON summary as the last line (--json-out appends it to a file),
 and exits 1 if a check fails.
 """
@@ -85,9 +85,10 @@ def hf_run(path: Path, dtype: Any, tokens: Any, labels: Any, device: Any, grads:
     return result
 
 
-def ours_bf16_grads(path: Path, tokens: Any, labels: Any, runtime: Any, fast: Any, fused: Any) -> tuple[float, dict]:
-    """Loss and gradients (HF names) of our bf16 model trained one step with the given fast paths
-    and LM loss (a FusedLMLoss, or None: megatron's output layer + cross-entropy)."""
+def ours_grads(path: Path, precision: str, tokens: Any, labels: Any, runtime: Any, fast: Any = None,
+               fused: Any = None) -> tuple[float, dict]:
+    """Loss and gradients (HF names) of our model after one forward + backward, with the given
+    fast paths and LM loss (a FusedLMLoss, or None: megatron's output layer + cross-entropy)."""
     import torch
 
     from qwen2_megatron.convert.hf_io import HFCheckpoint, gather_hf_state, load_hf_weights
@@ -96,7 +97,7 @@ def ours_bf16_grads(path: Path, tokens: Any, labels: Any, runtime: Any, fast: An
     from qwen2_megatron.parallel.ddp import wrap_ddp
 
     ckpt = HFCheckpoint(path)
-    chunks = wrap_ddp(build_model(ckpt.shape, runtime.layout, "bf16", perform_initialization=False, fast=fast))
+    chunks = wrap_ddp(build_model(ckpt.shape, runtime.layout, precision, perform_initialization=False, fast=fast))
     load_hf_weights([c.module for c in chunks], ckpt)
     batch = {"tokens": tokens, "labels": labels, "loss_mask": torch.ones_like(labels, dtype=torch.float32)}
     losses = forward_backward(chunks, [batch], fused_loss=fused)
@@ -115,10 +116,9 @@ def grad_error(grads: dict, ref: dict) -> float:
 def ours_run(path: Path, precision: str, tokens: Any, labels: Any, runtime: Any, grads: bool) -> tuple[Any, float, dict]:
     import torch
 
-    from qwen2_megatron.convert.hf_io import HFCheckpoint, gather_hf_state, load_hf_weights
+    from qwen2_megatron.convert.hf_io import HFCheckpoint, load_hf_weights
     from qwen2_megatron.model.builder import build_model
-    from qwen2_megatron.model.forward import forward_backward, forward_logits
-    from qwen2_megatron.parallel.ddp import wrap_ddp
+    from qwen2_megatron.model.forward import forward_logits
 
     ckpt = HFCheckpoint(path)
     chunks = build_model(ckpt.shape, runtime.layout, precision, parallel_output=False, perform_initialization=False)
@@ -128,14 +128,7 @@ def ours_run(path: Path, precision: str, tokens: Any, labels: Any, runtime: Any,
     logits = forward_logits(chunks, tokens).float()
     loss = float(torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten()))
     del chunks
-    out_grads = {}
-    if grads:
-        chunks = wrap_ddp(build_model(ckpt.shape, runtime.layout, precision, perform_initialization=False))
-        load_hf_weights([c.module for c in chunks], ckpt)
-        batch = {"tokens": tokens, "labels": labels, "loss_mask": torch.ones_like(labels, dtype=torch.float32)}
-        forward_backward(chunks, [batch])
-        out_grads = {k: v.float() for k, v in gather_hf_state([c.module for c in chunks], ckpt.shape, grads=True).items()}
-        del chunks
+    out_grads = ours_grads(path, precision, tokens, labels, runtime)[1] if grads else {}
     return logits, loss, out_grads
 
 
@@ -148,7 +141,7 @@ def check_fast_paths(path: Path, tokens: Any, labels: Any, runtime: Any, ref_gra
     from qwen2_megatron.model.fast_paths import FastPaths
     from qwen2_megatron.model.fused_loss import FusedLMLoss
 
-    plain_loss, plain = ours_bf16_grads(path, tokens, labels, runtime, FastPaths(), fused=None)
+    plain_loss, plain = ours_grads(path, "bf16", tokens, labels, runtime)
     plain_err = grad_error(plain, ref_grads)
     print(f"     dense bf16 plain path vs fp32 reference: grads rel-L2 {plain_err:.3e}, loss {plain_loss - ref_loss:+.3e}")
     variants = {"compiled layers": (FastPaths(compile="layers"), None), "fused LM loss": (FastPaths(), FusedLMLoss()),
@@ -158,7 +151,7 @@ def check_fast_paths(path: Path, tokens: Any, labels: Any, runtime: Any, ref_gra
     else:
         print("     liger-kernel not installed: Liger kernels not checked")
     for label, (fast, fused) in variants.items():
-        loss, grads = ours_bf16_grads(path, tokens, labels, runtime, fast, fused)
+        loss, grads = ours_grads(path, "bf16", tokens, labels, runtime, fast, fused)
         check(f"dense bf16 {label} grads", grad_error(grads, ref_grads), args.bf16_factor * plain_err + 1e-3,
               "rel-L2 |fast_bf16 - hf_fp32|")
         check(f"dense bf16 {label} loss", abs(loss - ref_loss), args.bf16_factor * abs(plain_loss - ref_loss) + 1e-2,
@@ -212,17 +205,17 @@ def main(argv: list[str] | None = None) -> int:
                 labels = torch.randint(0, shape.vocab_size, (args.batch, args.seq), generator=gen).to(device)
                 dense = not shape.is_moe  # transformers 5 keeps MoE experts fused: compare dense gradients only
                 ref, ref_loss, ref_grads = hf_run(path, torch.float32, tokens, labels, device, grads=dense)
-                ours32, ours32_loss, ours_grads = ours_run(path, "fp32", tokens, labels, runtime, grads=dense)
+                ours32, ours32_loss, ours32_grads = ours_run(path, "fp32", tokens, labels, runtime, grads=dense)
                 scale = ref.abs().max().item()
                 check(f"{name} fp32 logits", (ours32 - ref).abs().max().item(), args.fp32_tol,
                       f"max |ours - hf| (largest logit {scale:.2f})")
                 check(f"{name} fp32 loss", abs(ours32_loss - ref_loss), args.fp32_tol, f"|ours - hf| (hf {ref_loss:.4f})")
                 if dense:
-                    assert sorted(ours_grads) == sorted(ref_grads), "gradient names differ"
-                    worst = max((ours_grads[k] - g).abs().max().item() for k, g in ref_grads.items())
+                    assert sorted(ours32_grads) == sorted(ref_grads), "gradient names differ"
+                    worst = max((ours32_grads[k] - g).abs().max().item() for k, g in ref_grads.items())
                     largest = max(g.abs().max().item() for g in ref_grads.values())
                     check(f"{name} fp32 grads", worst / largest, args.grad_tol, "max |ours - hf| / largest gradient")
-                del ours32, ours_grads
+                del ours32, ours32_grads
                 if dense:
                     check_fast_paths(path, tokens, labels, runtime, ref_grads, ref_loss, args, check)
                 del ref_grads
