@@ -21,7 +21,7 @@ from qwen2_megatron.parallel.ddp import wrap_ddp
 from qwen2_megatron.parallel.layout import ParallelLayout
 from qwen2_megatron.parallel.runtime import init_runtime, shutdown_runtime
 from qwen2_megatron.train.config import TrainerConfig
-from qwen2_megatron.train.optimizer import inner_optimizers
+from qwen2_megatron.train.optimizer import guarded_step, inner_optimizers
 from qwen2_megatron.train import trainer as trainer_module
 from qwen2_megatron.train.trainer import Trainer
 
@@ -100,28 +100,39 @@ def _random_tokens(_mixture: Any, _tokenizer: Any, seq_length: int, micro_batch_
     return _RandomTokens(model_vocab_size, seq_length, micro_batch_size, dp_rank)
 
 
-def _train(cfg: TrainerConfig) -> dict[str, Any] | str:
-    """Per-step losses, the sum of squares of this rank's parameters after training and, with
-    compiled layers (dynamo's eager backend: the graphs, not inductor's code), how many graphs
-    dynamo made. Errors come back as text."""
+def _megatron_step(optimizer: Any) -> tuple[bool, float]:
+    """megatron-core's own optimizer step (prepare, norm and clip, update), for comparison with
+    the trainer's guarded_step."""
+    stepped, norm, _ = optimizer.step()
+    return bool(stepped), float(norm)
+
+
+def _train(cfg: TrainerConfig, megatron_step: bool) -> dict[str, Any] | str:
+    """Per-step losses and gradient norms, the sum of squares of this rank's parameters after
+    training and, with compiled layers (dynamo's eager backend: the graphs, not inductor's code),
+    how many graphs dynamo made. megatron_step: megatron's optimizer.step() instead of the
+    trainer's guarded_step. Errors come back as text."""
     from torch._dynamo.utils import counters
 
     compile_module = torch.nn.Module.compile
     torch.nn.Module.compile = lambda module, *a, **k: compile_module(module, backend="eager")
+    trainer_module.guarded_step = _megatron_step if megatron_step else guarded_step
     torch._dynamo.reset()
     counters.clear()
     try:
         trainer = Trainer(cfg)
-        losses = [r["loss"] for r in trainer.train()]
+        records = trainer.train()
+        losses, norms = [r["loss"] for r in records], [r["grad_norm"] for r in records]
         params = [p for chunk in trainer.model for p in chunk.module.parameters()]
         digest = sum(float(p.detach().double().square().sum()) for p in params)
         groups = [g for inner in inner_optimizers(trainer.optimizer) for g in inner.optimizer.param_groups]
         adam = "fused" if all(g["fused"] for g in groups) else "default" if not any(g["fused"] for g in groups) else "?"
-        return {"losses": losses, "digest": digest, "graphs": counters["stats"]["unique_graphs"], "adam": adam}
+        return {"losses": losses, "grad_norms": norms, "digest": digest, "graphs": counters["stats"]["unique_graphs"], "adam": adam}
     except (RuntimeError, AssertionError) as err:
         return f"{type(err).__name__}: {err}"
     finally:
         torch.nn.Module.compile = compile_module
+        trainer_module.guarded_step = guarded_step
         shutdown_runtime(keep_process_group=True)
 
 
@@ -141,7 +152,7 @@ def levers_rank(hf_dir: str, function_cases: dict[str, tuple[ParallelLayout, tup
     for name, (save_as, load_as) in checkpoint_cases.items():
         out["checkpoint"][name] = _checkpoint_roundtrip(ckpt, Path(root) / name, save_as, load_as)
     for name, cfg in train_runs.items():  # in order: later runs resume from earlier ones
-        out["train"][name] = _train(cfg)
+        out["train"][name] = _train(cfg, megatron_step=name.endswith("_megatron_step"))
         dist.barrier()
     shutdown_runtime()
     return out

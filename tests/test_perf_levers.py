@@ -54,14 +54,14 @@ OVERLAP = DDPConfig(overlap_grad_reduce=True, overlap_param_gather=True, bucket_
 
 def _cfg(root: Path, name: str, shape: Qwen2Shape, steps: int, ddp: DDPConfig, resume: str | None = None,
          save: bool = False, distributed_optimizer: bool = True, fused_adam: bool = True,
-         **train: object) -> TrainerConfig:
+         foreach_kernels: bool = True, **train: object) -> TrainerConfig:
     """`steps` steps; a checkpoint at step 2 if `save`; resumed from run `resume`'s checkpoint."""
     return TrainerConfig(
         model=shape, ddp=ddp,
         train=TrainConfig(**{"steps": steps, "global_batch_size": 4, "micro_batch_size": 2, "seq_length": 32,
                              **train}),
         optim=OptimConfig(lr=1e-3, warmup_steps=1, decay_steps=8, distributed_optimizer=distributed_optimizer,
-                          fused_adam=fused_adam),
+                          fused_adam=fused_adam, foreach_kernels=foreach_kernels),
         data=demo_mixture(num_workers=0),  # replaced by seeded random tokens (lever_workers)
         log=LogConfig(interval=100, progress_bar=False),
         run=RunConfig(dir=str(root / name), name=name),
@@ -81,6 +81,14 @@ def _train_runs(root: Path) -> dict[str, TrainerConfig]:
         "a_default_adam": _cfg(root, "a_default", DENSE, 3, PLAIN, fused_adam=False),
         "c_default_adam_allreduce": _cfg(root, "c3", DENSE, 2, PLAIN, distributed_optimizer=False,
                                          fused_adam=False, micro_batch_size=1),
+        # optim.foreach_kernels=false: megatron's per-tensor norm and scaling fallbacks; with the
+        # distributed optimizer (fp32) and without it (bf16: megatron's fp16-optimizer copies)
+        "a_default_kernels": _cfg(root, "a_kernels", DENSE, 3, PLAIN, foreach_kernels=False),
+        "c_bf16_allreduce": _cfg(root, "c4", DENSE, 2, PLAIN, distributed_optimizer=False, precision="bf16"),
+        "c_bf16_allreduce_default_kernels": _cfg(root, "c5", DENSE, 2, PLAIN, distributed_optimizer=False,
+                                                 precision="bf16", foreach_kernels=False),
+        # megatron's own optimizer.step() in place of the trainer's guarded_step (lever_workers)
+        "a_megatron_step": _cfg(root, "a_mstep", DENSE, 3, PLAIN),
         "b_plain_from_overlap": _cfg(root, "b", DENSE, 3, PLAIN, resume="a_overlap"),
         # compiled layers: one eager wait per compiled layer instead of megatron's per-module hooks
         "e_overlap_compiled": _cfg(root, "e", DENSE, 3, OVERLAP, compile="layers"),
@@ -92,6 +100,7 @@ def _train_runs(root: Path) -> dict[str, TrainerConfig]:
         # from the other one's checkpoint
         "m_sequential": _cfg(root, "m_sequential", MOE, 3, OVERLAP, save=True),
         "m_grouped": _cfg(root, "m_grouped", MOE, 3, OVERLAP, save=True, **grouped),
+        "m_sequential_megatron_step": _cfg(root, "m_mstep", MOE, 3, OVERLAP),
         "n_grouped_from_sequential": _cfg(root, "n1", MOE, 3, OVERLAP, resume="m_sequential", **grouped),
         "n_sequential_from_grouped": _cfg(root, "n2", MOE, 3, OVERLAP, resume="m_grouped"),
         # fused LM loss: the untied output layer is a bucket of its own, gathered in a bypassed forward
@@ -184,6 +193,36 @@ def test_fused_adam_follows_the_default_trajectory(results: dict, fused: str, de
     for rank in _runs(results):
         a, b = rank[default]["digest"], rank[fused]["digest"]
         assert abs(a - b) <= 1e-5 * a, (a, b)
+
+
+@pytest.mark.parametrize("guarded, megatron", [("a_plain", "a_megatron_step"),
+                                               ("m_sequential", "m_sequential_megatron_step")])
+def test_guarded_step_is_megatrons_step(results: dict, guarded: str, megatron: str) -> None:
+    """The trainer's guarded_step (one gradient norm, then clip and update) makes exactly the
+    update of megatron's optimizer.step(), with one optimizer and with a ChainedOptimizer (MoE:
+    dense and expert parameters clipped by their combined norm), with clipping at work."""
+    for rank in _runs(results):
+        a, b = rank[guarded], rank[megatron]
+        assert isinstance(a, dict) and isinstance(b, dict), (a, b)
+        print(f"{guarded}: grad norms {a['grad_norms']}")
+        assert max(a["grad_norms"]) > 1.0  # optim.clip_grad: at least one step was clipped
+        assert (a["losses"], a["grad_norms"], a["digest"]) == (b["losses"], b["grad_norms"], b["digest"])
+
+
+@pytest.mark.parametrize("foreach, default", [("a_plain", "a_default_kernels"),
+                                              ("c_bf16_allreduce", "c_bf16_allreduce_default_kernels")])
+def test_foreach_kernels_follow_megatrons_fallbacks(results: dict, foreach: str, default: str) -> None:
+    """optim.foreach_kernels (the default): torch's foreach norm and scaling give the gradient
+    norms, clipped updates and parameters of megatron's per-tensor fallbacks, up to summation
+    order; with the distributed optimizer in fp32 and with megatron's bf16 optimizer."""
+    for rank in _runs(results):
+        a, b = rank[foreach], rank[default]
+        assert isinstance(a, dict) and isinstance(b, dict), (a, b)
+        print(f"{foreach}: grad norms {a['grad_norms']}, {default}: {b['grad_norms']}")
+        assert max(a["grad_norms"]) > 1.0  # optim.clip_grad: at least one step was clipped
+        for x, y in zip(a["grad_norms"] + a["losses"], b["grad_norms"] + b["losses"], strict=True):
+            assert abs(x - y) <= SAME * max(1.0, abs(y)), (x, y)
+        assert abs(a["digest"] - b["digest"]) <= SAME * b["digest"]
 
 
 def test_fused_loss_with_overlapped_param_gather(results: dict) -> None:

@@ -45,6 +45,7 @@ class OptimConfig:
     wsd_decay_style: str = "cosine"  # linear | cosine | exponential | minus_sqrt
     distributed_optimizer: bool = True  # shard optimizer state over data-parallel ranks
     fused_adam: bool = True  # torch's fused AdamW kernel where megatron-core falls back to torch's AdamW
+    foreach_kernels: bool = True  # torch's foreach gradient norm / clipping where megatron falls back
 
 
 @dataclass

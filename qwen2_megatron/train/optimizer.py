@@ -7,7 +7,9 @@ stepped once per optimizer step (warm-up, then cosine, WSD or constant).
 
 Without Transformer Engine or apex, megatron-core falls back to torch's AdamW in its default
 (foreach) form, several passes over the fp32 master weights and states per step; optim.fused_adam
-switches those to torch's fused kernel, one pass (measured on an H200: see README).
+switches those to torch's fused kernel, one pass (measured on an H200: see README), and
+optim.foreach_kernels gives its gradient norm and clipping torch's multi-tensor kernels
+(train/multi_tensor.py).
 """
 
 from __future__ import annotations
@@ -17,9 +19,11 @@ from typing import Any
 
 import torch
 from megatron.core.optimizer import MegatronOptimizer, OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer import clip_grads
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from qwen2_megatron.train.config import OptimConfig, TrainConfig
+from qwen2_megatron.train.multi_tensor import use_foreach_kernels
 
 _STYLE = {"cosine": "cosine", "wsd": "WSD", "constant": "constant"}
 
@@ -40,6 +44,7 @@ def build_optimizer(
         params_dtype=torch.bfloat16 if precision in ("bf16", "fp8") else torch.float32,
         use_distributed_optimizer=optim.distributed_optimizer,
     )
+    use_foreach_kernels(optim.foreach_kernels)
     optimizer = get_megatron_optimizer(config, chunks)
     if optim.fused_adam:
         _use_fused_adam(optimizer)
@@ -96,13 +101,20 @@ def build_scheduler(optim: OptimConfig, train: TrainConfig, optimizer: MegatronO
 def guarded_step(optimizer: MegatronOptimizer) -> tuple[bool, float]:
     """Step only if the gradient norm is finite; returns (stepped, grad norm).
 
-    The norm is measured before megatron's step (which would clip with a NaN coefficient and
-    write NaN into the weights); it is reduced over all model-parallel ranks, so every rank takes
-    the same decision. Costs one extra gradient-norm pass per step.
+    megatron's own step() would clip with a NaN coefficient and write NaN into the weights, so
+    its three phases run here with the decision in between: prepare the gradients, take their
+    norm once (reduced over all model-parallel ranks, so every rank decides alike; a
+    ChainedOptimizer combines its dense and expert norms), then clip every inner optimizer's
+    gradients by that total norm as megatron's step does, and update.
     """
-    optimizer.prepare_grads()
+    if optimizer.prepare_grads():  # an fp16 loss scaler found inf/NaN (and lowered its scale)
+        return False, float("nan")
     norm = float(optimizer.get_grad_norm())
     if not math.isfinite(norm):
         return False, norm
-    stepped, step_norm, _ = optimizer.step()
-    return bool(stepped), float(step_norm if step_norm is not None else norm)
+    for inner in inner_optimizers(optimizer):
+        params = inner.get_parameters()
+        if inner.config.clip_grad > 0.0 and params:
+            # looked up at call time: the CPU compatibility layer wraps it after import
+            clip_grads.clip_grad_by_total_norm_fp32(params, inner.config.clip_grad, norm)
+    return bool(optimizer.step_with_ready_grads()), norm
