@@ -127,7 +127,9 @@ def _train(cfg: TrainerConfig, megatron_step: bool) -> dict[str, Any] | str:
         digest = sum(float(p.detach().double().square().sum()) for p in params)
         groups = [g for inner in inner_optimizers(trainer.optimizer) for g in inner.optimizer.param_groups]
         adam = "fused" if all(g["fused"] for g in groups) else "default" if not any(g["fused"] for g in groups) else "?"
-        return {"losses": losses, "grad_norms": norms, "digest": digest, "graphs": counters["stats"]["unique_graphs"], "adam": adam}
+        # weights whose last gradient the layer itself added into main_grad (train.grad_accum_fusion)
+        fused_wgrads = sum(bool(getattr(p, "grad_added_to_main_grad", False)) for p in params)
+        return {"losses": losses, "grad_norms": norms, "digest": digest, "fused_wgrads": fused_wgrads, "graphs": counters["stats"]["unique_graphs"], "adam": adam}
     except (RuntimeError, AssertionError) as err:
         return f"{type(err).__name__}: {err}"
     finally:

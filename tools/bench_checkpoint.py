@@ -4,7 +4,8 @@ asynchronous save costs the training step that triggers it.
     python tools/bench_checkpoint.py [--dir /path/on/the/storage] [--layers 8] [--nproc 2]
 
 Builds a Qwen2-0.5B-shaped model (fewer layers to fit a laptop) with megatron DDP and the
-distributed optimizer on `nproc` local ranks and trains it on random tokens. Times: a training
+distributed optimizer on `nproc` local ranks and trains it on random tokens (on the GPU where there
+is one: --nproc 1 per GPU of the machine). Times: a training
 step; full synchronous checkpoints (model + optimizer, torch_dist, fsync'd, published
 atomically); asynchronous checkpoints (the part that blocks training, then a training step run
 while the background writer works, then the time until published); and, after each synchronous
@@ -47,7 +48,8 @@ def _bytes_read() -> int:
     raise RuntimeError("/proc/self/io has no rchar line")
 
 
-def save_rank(directory: str, layers: int, repeats: int, seq: int, threads: int) -> dict[str, list[float]]:
+def save_rank(directory: str, layers: int, repeats: int, seq: int, threads: int, precision: str,
+              micro_batches: int) -> dict[str, list[float]]:
     import torch
     import torch.distributed as dist
 
@@ -68,10 +70,11 @@ def save_rank(directory: str, layers: int, repeats: int, seq: int, threads: int)
     shape = replace(get_preset("qwen2_0.5b"), num_hidden_layers=layers)
     runtime = init_runtime(ParallelLayout())
     try:
-        chunks = wrap_ddp(build_model(shape, runtime.layout), use_distributed_optimizer=True)
-        optimizer = build_optimizer(OptimConfig(), "fp32", chunks)
+        chunks = wrap_ddp(build_model(shape, runtime.layout, precision), use_distributed_optimizer=True)
+        optimizer = build_optimizer(OptimConfig(), precision, chunks)
         tokens = torch.randint(0, shape.vocab_size, (1, seq + 1), generator=torch.Generator().manual_seed(0))
         batch = {"tokens": tokens[:, :-1], "labels": tokens[:, 1:], "loss_mask": torch.ones(1, seq)}
+        batch = {key: value.to(runtime.device) for key, value in batch.items()}  # a GPU with --nproc 1
 
         def train_step() -> float:
             dist.barrier()
@@ -79,7 +82,7 @@ def save_rank(directory: str, layers: int, repeats: int, seq: int, threads: int)
             for chunk in chunks:
                 chunk.zero_grad_buffer()
             optimizer.zero_grad()
-            forward_backward(chunks, [batch])
+            forward_backward(chunks, [batch] * micro_batches)
             optimizer.step()
             dist.barrier()
             return time.perf_counter() - start
@@ -87,7 +90,7 @@ def save_rank(directory: str, layers: int, repeats: int, seq: int, threads: int)
         train_step()  # Adam's state exists from here on
         times: dict[str, list[float]] = {"step": [train_step() for _ in range(repeats)]}
         models = [c.module for c in chunks]
-        sync = CheckpointManager(CheckpointConfig(dir=f"{directory}/sync", keep_last=1), shape, runtime.layout, "fp32")
+        sync = CheckpointManager(CheckpointConfig(dir=f"{directory}/sync", keep_last=1), shape, runtime.layout, precision)
         times["sync_save"], times["raw_write"], times["bytes"] = [], [], []
         for step in range(1, repeats + 1):
             dist.barrier()
@@ -100,7 +103,7 @@ def save_rank(directory: str, layers: int, repeats: int, seq: int, threads: int)
                 times["raw_write"].append(raw_write(Path(directory) / "raw.bin", times["bytes"][-1]))
             dist.barrier()
         background = CheckpointManager(
-            CheckpointConfig(dir=f"{directory}/async", keep_last=1, async_save=True), shape, runtime.layout, "fp32"
+            CheckpointConfig(dir=f"{directory}/async", keep_last=1, async_save=True), shape, runtime.layout, precision
         )
         for key in ("async_blocking", "step_while_writing", "async_total"):
             times[key] = []
@@ -132,7 +135,9 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--nproc", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--seq", type=int, default=1024, help="tokens in the timed training step")
+    parser.add_argument("--seq", type=int, default=1024, help="tokens per micro-batch of the timed training step")
+    parser.add_argument("--micro-batches", type=int, default=1, help="micro-batches per training step")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     parser.add_argument(
         "--threads", type=int, default=0,
         help="CPU threads per rank for training (0: torch's default, all cores); fewer leave cores to the "
@@ -144,7 +149,8 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-ckpt-", dir=args.dir))
     try:
         times = spawn(
-            save_rank, args.nproc, str(work / "ckpt"), args.layers, args.repeats, args.seq, args.threads
+            save_rank, args.nproc, str(work / "ckpt"), args.layers, args.repeats, args.seq, args.threads,
+            args.precision, args.micro_batches,
         )[0]
         best = {key: min(values) for key, values in times.items()}
         nbytes, raw_s, save_s = best["bytes"], best["raw_write"], best["sync_save"]
@@ -155,7 +161,8 @@ def main() -> None:
         print(f"raw write + fsync     {raw_s:.2f} s  -> {nbytes / raw_s / 1e9:.2f} GB/s")
         print(f"ratio                 {raw_s / save_s:.2f}x of the raw write speed")
         threads = f"{args.threads} CPU threads per rank" if args.threads else "torch's default CPU threads"
-        print(f"training step         {best['step']:.2f} s (seq {args.seq}, one micro-batch, {threads})")
+        print(f"training step         {best['step']:.2f} s ({args.precision}, {args.micro_batches} micro-batch(es) of "
+              f"seq {args.seq}, {threads})")
         print(f"async save            {best['async_blocking']:.2f} s blocking, then a step of "
               f"{best['step_while_writing']:.2f} s while writing; published after {best['async_total']:.2f} s")
         print(f"step triggering save  {100 * slowed:+.1f}% vs a plain step (async)")

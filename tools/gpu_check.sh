@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# All GPU checks of one short lent-GPU session, in one run of about 6-8 minutes (no network needed):
+# All GPU checks of one short lent-GPU session, in one run of about 9 minutes (no network needed):
 # nvidia-smi, our model against transformers on the GPU (tools/gpu_parity.py: fp32 and bf16 logits,
 # fp32 gradients), then training throughput beside transformers (tools/bench_throughput.py) for
 # Qwen2-7B's shape with 8 layers, Qwen2-1.5B, Qwen2-0.5B and Qwen2-57B-A14B's shape with 1-2 layers,
@@ -17,10 +17,14 @@
 # pre-flight; a case that would start with under 45 s left is skipped), WARMUP (3), STEPS (8),
 # MBS_05B / MBS_15B / MBS_7B / MOE_LAYERS (default by GPU memory, see below), FAST (the overrides
 # of "ours" beside hf in the 1.5b, 7b and 0.5b cases; default compiled layers + fused LM loss),
-# CASES (default "parity 1.5b 7b 0.5b 0.5b-losscompile 1.5b-plain 1.5b-liger moe", run in order
+# CASES (default "parity 7b 7b-fusion 7b-liger 7b-liger-fusion 1.5b 1.5b-losscompile ckpt moe 0.5b", run in order
 # while the budget lasts: 0.5b-losscompile, 1.5b-plain and 1.5b-liger train ours alone, with FAST
 # + train.fused_lm_loss_compile, on the plain path, or with the Liger kernels + fused LM loss;
-# moe is hf beside ours with the fused LM loss and grouped-GEMM experts).
+# moe is hf beside ours with the fused LM loss and grouped-GEMM experts; 1.5b-losscompile,
+# 1.5b-fusion and 7b-fusion train ours alone with FAST + train.fused_lm_loss_compile or
+# train.grad_accum_fusion; 7b-liger and 7b-liger-fusion train ours alone with the Liger kernels
+# + fused LM loss, without and with train.grad_accum_fusion; ckpt is tools/bench_checkpoint.py
+# with one rank on the GPU).
 # GPU_CHECK_CPU_SMOKE=1 runs the same plumbing on CPU with tiny models and 64-token sequences (to
 # test this script without a GPU; the numbers mean nothing). Results so far: tools/GPU_RESULTS.md.
 set -uo pipefail
@@ -45,7 +49,7 @@ mkdir -p "$OUT"
 BUDGET_S=${GPU_CHECK_BUDGET_S:-450}
 WARMUP=${WARMUP:-3}
 STEPS=${STEPS:-8}
-CASES=${CASES:-parity 1.5b 7b 0.5b 0.5b-losscompile 1.5b-plain 1.5b-liger moe}
+CASES=${CASES:-parity 7b 7b-fusion 7b-liger 7b-liger-fusion 1.5b 1.5b-losscompile ckpt moe 0.5b}
 read -r -a FAST <<< "${FAST:-train.compile=layers train.fused_lm_loss=true}"
 SMOKE=${GPU_CHECK_CPU_SMOKE:-0}
 
@@ -107,10 +111,13 @@ EOF
     t0=$(date +%s)
     local bench=(tools/bench_throughput.py --seq 4096 --warmup "$WARMUP" --steps "$STEPS" --json-out "$OUT/bench.jsonl")
     local parity=(tools/gpu_parity.py --json-out "$OUT/parity.json")
+    # checkpoint save / async save / load timings with one training rank on the GPU, on this disk
+    local ckpt=(tools/bench_checkpoint.py --nproc 1 --seq 4096 --micro-batches 8 --precision bf16 --layers 8 --repeats 2 --dir /tmp)
     local p05=qwen2_0.5b p15=qwen2_1.5b p7=qwen2_7b pmoe=qwen2_57b_a14b
     if [ "$SMOKE" = 1 ]; then
         bench=(tools/bench_throughput.py --device cpu --seq 64 --warmup 0 --steps 1 --json-out "$OUT/bench.jsonl")
         parity+=(--device cpu --small)
+        ckpt=(tools/bench_checkpoint.py --nproc 1 --seq 64 --layers 1 --repeats 1 --dir /tmp)
         p05=tiny p15=tiny p7=tiny pmoe=tiny_moe
     fi
     for case in $CASES; do
@@ -121,6 +128,22 @@ EOF
             0.5b-losscompile) run_case qwen2_0.5b-losscompile 100 "$t0" "$py" "${bench[@]}" --preset "$p05" \
                     --micro-batch "$mbs05" --only ours "${fast[@]}" --override train.fused_lm_loss_compile=true \
                     --label qwen2_0.5b-fast-losscompile ;;
+            1.5b-losscompile) run_case qwen2_1.5b-losscompile 100 "$t0" "$py" "${bench[@]}" --preset "$p15" \
+                    --micro-batch "$mbs15" --only ours "${fast[@]}" --override train.fused_lm_loss_compile=true \
+                    --label qwen2_1.5b-fast-losscompile ;;
+            1.5b-fusion) run_case qwen2_1.5b-fusion 100 "$t0" "$py" "${bench[@]}" --preset "$p15" \
+                    --micro-batch "$mbs15" --only ours "${fast[@]}" --override train.grad_accum_fusion=true \
+                    --label qwen2_1.5b-fast-wgradfusion ;;
+            7b-fusion) run_case qwen2_7b-8L-fusion 100 "$t0" "$py" "${bench[@]}" --preset "$p7" --layers 8 \
+                    --micro-batch "$mbs7" --only ours "${fast[@]}" --override train.grad_accum_fusion=true \
+                    --label qwen2_7b-8L-fast-wgradfusion ;;
+            7b-liger) run_case qwen2_7b-8L-liger 100 "$t0" "$py" "${bench[@]}" --preset "$p7" --layers 8 \
+                    --micro-batch "$mbs7" --only ours --override "train.liger_kernels=[rms_norm,swiglu,rope]" --fused-loss \
+                    --label qwen2_7b-8L-liger ;;
+            7b-liger-fusion) run_case qwen2_7b-8L-liger-fusion 100 "$t0" "$py" "${bench[@]}" --preset "$p7" --layers 8 \
+                    --micro-batch "$mbs7" --only ours --override "train.liger_kernels=[rms_norm,swiglu,rope]" --fused-loss \
+                    --override train.grad_accum_fusion=true --label qwen2_7b-8L-liger-wgradfusion ;;
+            ckpt) run_case checkpoint 120 "$t0" "$py" "${ckpt[@]}" ;;
             1.5b-plain) run_case qwen2_1.5b-plain 100 "$t0" "$py" "${bench[@]}" --preset "$p15" --micro-batch "$mbs15" \
                     --only ours --label qwen2_1.5b-plain ;;
             1.5b-liger) run_case qwen2_1.5b-liger 100 "$t0" "$py" "${bench[@]}" --preset "$p15" --micro-batch "$mbs15" \
@@ -165,7 +188,7 @@ run_case() {
     timeout -k 10 "$limit" "$@"
     rc=$?
     echo "=== $name: exit $rc after $(( $(date +%s) - now ))s"
-    if [ "$name" != parity ] && [ "$(cat "$OUT/bench.jsonl" 2>/dev/null | wc -l)" -eq "$before" ]; then
+    if [ "$name" != parity ] && [ "$name" != checkpoint ] && [ "$(cat "$OUT/bench.jsonl" 2>/dev/null | wc -l)" -eq "$before" ]; then
         if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
             echo "{\"case\": \"$name\", \"timed_out_s\": $limit}" >> "$OUT/bench.jsonl"
         else

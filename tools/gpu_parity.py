@@ -86,9 +86,10 @@ def hf_run(path: Path, dtype: Any, tokens: Any, labels: Any, device: Any, grads:
 
 
 def ours_grads(path: Path, precision: str, tokens: Any, labels: Any, runtime: Any, fast: Any = None,
-               fused: Any = None) -> tuple[float, dict]:
+               fused: Any = None, wgrad_fusion: bool = False) -> tuple[float, dict]:
     """Loss and gradients (HF names) of our model after one forward + backward, with the given
-    fast paths and LM loss (a FusedLMLoss, or None: megatron's output layer + cross-entropy)."""
+    fast paths and LM loss (a FusedLMLoss, or None: megatron's output layer + cross-entropy), and
+    with weight gradients accumulated into main_grad by the layers (train.grad_accum_fusion)."""
     import torch
 
     from qwen2_megatron.convert.hf_io import HFCheckpoint, gather_hf_state, load_hf_weights
@@ -96,8 +97,13 @@ def ours_grads(path: Path, precision: str, tokens: Any, labels: Any, runtime: An
     from qwen2_megatron.model.forward import forward_backward
     from qwen2_megatron.parallel.ddp import wrap_ddp
 
+    from qwen2_megatron.model.wgrad_accumulation import enable_wgrad_accumulation_fusion
+
+    if wgrad_fusion:
+        enable_wgrad_accumulation_fusion()
     ckpt = HFCheckpoint(path)
-    chunks = wrap_ddp(build_model(ckpt.shape, runtime.layout, precision, perform_initialization=False, fast=fast))
+    chunks = wrap_ddp(build_model(ckpt.shape, runtime.layout, precision, perform_initialization=False, fast=fast,
+                                  gradient_accumulation_fusion=wgrad_fusion))
     load_hf_weights([c.module for c in chunks], ckpt)
     batch = {"tokens": tokens, "labels": labels, "loss_mask": torch.ones_like(labels, dtype=torch.float32)}
     losses = forward_backward(chunks, [batch], fused_loss=fused)
@@ -144,14 +150,18 @@ def check_fast_paths(path: Path, tokens: Any, labels: Any, runtime: Any, ref_gra
     plain_loss, plain = ours_grads(path, "bf16", tokens, labels, runtime)
     plain_err = grad_error(plain, ref_grads)
     print(f"     dense bf16 plain path vs fp32 reference: grads rel-L2 {plain_err:.3e}, loss {plain_loss - ref_loss:+.3e}")
-    variants = {"compiled layers": (FastPaths(compile="layers"), None), "fused LM loss": (FastPaths(), FusedLMLoss()),
-                "compiled fused LM loss": (FastPaths(), FusedLMLoss(compiled=True))}
+    variants = {"compiled layers": (FastPaths(compile="layers"), None, False),
+                "fused LM loss": (FastPaths(), FusedLMLoss(), False),
+                "compiled fused LM loss": (FastPaths(), FusedLMLoss(compiled=True), False),
+                "weight-gradient fusion": (FastPaths(), None, True),
+                "compiled layers + fused LM loss + weight-gradient fusion": (
+                    FastPaths(compile="layers"), FusedLMLoss(), True)}
     if liger.available():
-        variants = {"liger kernels": (FastPaths(liger=liger.KERNELS), None), **variants}
+        variants = {"liger kernels": (FastPaths(liger=liger.KERNELS), None, False), **variants}
     else:
         print("     liger-kernel not installed: Liger kernels not checked")
-    for label, (fast, fused) in variants.items():
-        loss, grads = ours_grads(path, "bf16", tokens, labels, runtime, fast, fused)
+    for label, (fast, fused, wgrad_fusion) in variants.items():
+        loss, grads = ours_grads(path, "bf16", tokens, labels, runtime, fast, fused, wgrad_fusion)
         check(f"dense bf16 {label} grads", grad_error(grads, ref_grads), args.bf16_factor * plain_err + 1e-3,
               "rel-L2 |fast_bf16 - hf_fp32|")
         check(f"dense bf16 {label} loss", abs(loss - ref_loss), args.bf16_factor * abs(plain_loss - ref_loss) + 1e-2,

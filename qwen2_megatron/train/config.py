@@ -78,6 +78,7 @@ class TrainConfig:
     eval_steps: int = 4  # global batches per evaluation
     init_from: str | None = None  # model weights to start from (a qwen2-convert checkpoint)
     moe_grouped_gemm: bool = False  # routed experts as grouped GEMMs without Transformer Engine
+    grad_accum_fusion: bool = False  # weight-gradient GEMMs accumulate straight into the fp32 main_grad buffers
     # Fast paths of the local (no Transformer Engine) layers; each computes the same function:
     liger_kernels: list[str] = field(default_factory=list)  # Liger's fused rms_norm, swiglu, rope (GPU)
     compile: str = "none"  # none | layers (torch.compile every dense decoder layer)

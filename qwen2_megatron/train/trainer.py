@@ -31,6 +31,7 @@ from qwen2_megatron.model.fused_loss import FusedLMLoss
 from qwen2_megatron.model.params import training_flops_per_token
 from qwen2_megatron.model.rope import set_rope_base
 from qwen2_megatron.model.spec import use_transformer_engine
+from qwen2_megatron.model.wgrad_accumulation import enable_wgrad_accumulation_fusion
 from qwen2_megatron.parallel.ddp import sync_params, wrap_ddp
 from qwen2_megatron.parallel.runtime import init_runtime, process_env
 from qwen2_megatron.train.config import StageConfig, TrainerConfig, num_microbatches, validate
@@ -70,10 +71,12 @@ class Trainer:
         dist.barrier()
 
         fp8 = {"fp8": "hybrid"} if cfg.train.precision == "fp8" else {}
+        if cfg.train.grad_accum_fusion:
+            enable_wgrad_accumulation_fusion()
         chunks = build_model(
             cfg.model, layout, _param_precision(cfg), moe_grouped_gemm=cfg.train.moe_grouped_gemm,
             fast=FastPaths(tuple(cfg.train.liger_kernels), cfg.train.compile),
-            **_RECOMPUTE[cfg.train.recompute], **fp8,
+            gradient_accumulation_fusion=cfg.train.grad_accum_fusion, **_RECOMPUTE[cfg.train.recompute], **fp8,
         )
         if cfg.train.init_from:
             load_model(chunks, cfg.train.init_from, cfg.model)
