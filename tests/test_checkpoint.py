@@ -180,3 +180,16 @@ def test_retention_keeps_last_k_and_every_mth(tmp_path: Path) -> None:
     assert [p.name for p in store.listing().complete] == ["step_00000004", "step_00000008", "step_00000009", "step_00000010"]
     assert not store.listing().incomplete
     assert store.latest().name == "step_00000010"
+
+
+
+def test_package_versions_of_a_source_tree() -> None:
+    """A package used from a source tree (PYTHONPATH, no pip install) has no metadata; the
+    checkpoint description records that instead of failing the save (seen on a GPU machine)."""
+    import torch
+
+    from qwen2_megatron.checkpoint.model_checkpoint import package_versions
+
+    versions = package_versions(("torch", "qwen2-megatron-not-installed"))
+    assert torch.__version__.startswith(versions["torch"])
+    assert "not installed" in versions["qwen2-megatron-not-installed"]

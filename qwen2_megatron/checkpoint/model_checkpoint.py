@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict
-from importlib.metadata import version
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -60,9 +60,22 @@ def write_info(path: Location, shape: Qwen2Shape, layout: ParallelLayout, precis
         "model": shape.to_dict(),
         "layout": asdict(layout),
         "precision": precision,
-        "versions": {p: version(p) for p in ("qwen2-megatron", "megatron-core", "torch")},
+        "versions": package_versions(),
     }
     (path / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
+
+
+def package_versions(names: tuple[str, ...] = ("qwen2-megatron", "megatron-core", "torch")) -> dict[str, str]:
+    """Versions of the packages writing a checkpoint. A package imported from a source tree on
+    PYTHONPATH (not pip-installed, common on clusters) has no metadata: recorded as such, since
+    failing there would lose every step trained since the last checkpoint."""
+    versions = {}
+    for name in names:
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            versions[name] = "unknown (not installed: imported from a source tree)"
+    return versions
 
 
 def read_info(path: str | Path | Location) -> dict[str, Any]:
