@@ -17,8 +17,9 @@ data loading is not measured. Defaults: bf16 and torch.compile on GPU; fp32 and 
   bf16 parameters and fp32 master weights (train.precision=bf16). Each timed step is
   Trainer.train_step(); only the data loader is replaced by the pre-made batches.
 - hf: transformers' Qwen2ForCausalLM / Qwen2MoeForCausalLM from the same shape (Qwen2Shape ->
-  config.json), attn_implementation="sdpa", torch.compile(model), fused AdamW, gradient
-  clipping at 1.0 (as HF's Trainer does), loss from the model (labels=input_ids). Precision
+  config.json), attn_implementation="sdpa", torch.compile(model), fused AdamW (weight decay
+  on matrices only, as ours), gradient clipping at 1.0 (as HF's Trainer does), the loss from the
+  model on ours' targets (the next token at every position: shift_labels). Precision
   --hf-precision: "bf16" = bf16 parameters, gradients and Adam state, no fp32 master weights
   (the strongest peer in ../shared/reference/performance.md; the default) or "autocast" = fp32
   parameters under torch.autocast(bf16). MoE models train with the router's load-balancing loss
@@ -39,7 +40,10 @@ peak memory (torch.cuda.max_memory_allocated, reset before each side; on CPU the
 RSS, not reset), first and last loss; then ours/hf ratios and one JSON line (the last line of
 stdout; --json-out appends it to a file too; `bench_throughput.py --summarize FILE` tabulates
 such a file). A side that runs out of memory is reported as such and the other side still
-runs. Exit status: 1 if a side failed for another reason, else 0.
+runs. Exit status: 1 if a side failed for another reason, else 0. The two sides start from
+their own random initialisations (megatron's and transformers'), so their losses differ; with
+--same-init ours starts from transformers' initial weights (imported by our HF converter) and
+the per-step losses in the JSON line are comparable.
 """
 
 from __future__ import annotations
@@ -106,6 +110,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--peak-tflops", type=float, default=None, help="per-device peak for MFU (default: known GPUs)")
     p.add_argument("--json-out", type=Path, default=None, help="also append the JSON line to this file")
     p.add_argument("--label", default=None, help="a name for this case in the JSON line")
+    p.add_argument("--same-init", action="store_true",
+                   help="start ours from transformers' initial weights (saved, then imported with our HF "
+                        "converter) so that both sides' losses are comparable step by step")
     p.add_argument("--profile", type=Path, default=None, metavar="FILE",
                    help="after timing, profile 2 more steps of each side with torch.profiler: print the "
                         "kernels that take the most device time and write the whole table to FILE.SIDE.txt")
@@ -115,6 +122,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.warmup < 0 or (args.layers is not None and args.layers < 1):
         p.error("--warmup must be >= 0 and --layers >= 1")
+    if args.same_init and args.only is not None:
+        p.error("--same-init needs both sides (ours starts from transformers' initial weights); drop --only")
     if args.dtype is None:
         args.dtype = "bf16" if args.device == "cuda" else "fp32"
     if args.compile is None:
@@ -287,6 +296,7 @@ def summarize(run: dict[str, Any], tokens_per_step: int, flops_per_token: float,
         "step_time_min_s": min(times),
         "loss_first": run["losses"][0],
         "loss_last": run["losses"][-1],
+        "losses": run["losses"],
     }
 
 
@@ -365,18 +375,25 @@ def run_hf(args: argparse.Namespace, cfg: Any, batches: list[dict[str, Any]], de
             config, attn_implementation="sdpa", dtype=torch.bfloat16 if bf16_params else torch.float32
         )
     model.to(device).train()
+    if args.same_init:
+        model.save_pretrained(hf_init_dir(cfg))
     params = sum(p.numel() for p in model.parameters())
+    # Qwen2's recipe, as ours (megatron's default groups): no weight decay on norms and biases
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
     optimizer = torch.optim.AdamW(
-        model.parameters(), lr=args.lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1,
-        fused=device.type == "cuda",
+        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=args.lr, betas=(0.9, 0.95), eps=1e-8, fused=device.type == "cuda",
     )
+    # the targets ours trains on: the next token at every position, none where loss_mask is 0
+    targets = [b["labels"].masked_fill(b["loss_mask"] == 0, -100) for b in batches]
     forward = model if not args.compile else torch.compile(model)
     context = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if autocast else nullcontext
 
     def step(i: int) -> float:
-        tokens = batches[i % len(batches)]["tokens"]
+        tokens, target = batches[i % len(batches)]["tokens"], targets[i % len(batches)]
         with context():
-            loss = forward(input_ids=tokens, labels=tokens, use_cache=False).loss
+            loss = forward(input_ids=tokens, labels=target, shift_labels=target, use_cache=False).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -392,6 +409,19 @@ def run_hf(args: argparse.Namespace, cfg: Any, batches: list[dict[str, Any]], de
     finally:
         del forward, model, optimizer
         torch._dynamo.reset()
+
+
+def hf_init_dir(cfg: Any) -> Path:
+    """Where --same-init keeps transformers' initial weights (in the benchmark's temporary directory)."""
+    return Path(cfg.run.dir).parent / "hf_init"
+
+
+def start_from_hf_init(cfg: Any) -> None:
+    """--same-init: import transformers' initial weights with our converter; ours starts from them."""
+    from qwen2_megatron.convert.convert import import_hf
+    from qwen2_megatron.parallel.layout import ParallelLayout
+
+    cfg.train.init_from = str(import_hf(hf_init_dir(cfg), Path(cfg.run.dir).parent / "init_ckpt", ParallelLayout()))
 
 
 def run_side(name: str, fn: Callable[..., dict[str, Any]], *fn_args: Any, summary: Callable[[dict], dict]) -> dict[str, Any]:
@@ -547,10 +577,13 @@ def main(argv: list[str] | None = None) -> int:
                                  f"{'eager' if not args.compile else 'torch.compile'}, {'fused ' if device.type == 'cuda' else ''}AdamW, clip 1.0"
                                  + (f", config {dict(args.hf_config)}" if args.hf_config else ""))
             record["hf"] = run_side("hf", run_hf, args, cfg, batches, device, summary=summary)
+        if args.same_init and "error" not in record["hf"]:
+            start_from_hf_init(cfg)
         if args.only in (None, "ours"):
             record["ours_desc"] = (f"megatron-core Trainer, train.precision={cfg.train.precision}, "
                                    f"recompute={cfg.train.recompute}, distributed optimizer="
                                    f"{cfg.optim.distributed_optimizer}"
+                                   + ("; from transformers' initial weights" if args.same_init else "")
                                    + (f"; overrides {args.override}" if args.override else "")
                                    + (f"; TransformerConfig {dict(args.mcore)}" if args.mcore else ""))
             record["ours"] = run_side("ours", run_ours, args, cfg, batches, device, summary=summary)

@@ -17,14 +17,16 @@
 # pre-flight; a case that would start with under 45 s left is skipped), WARMUP (3), STEPS (8),
 # MBS_05B / MBS_15B / MBS_7B / MOE_LAYERS (default by GPU memory, see below), FAST (the overrides
 # of "ours" beside hf in the 1.5b, 7b and 0.5b cases; default compiled layers + fused LM loss),
-# CASES (default "parity 7b 7b-fusion 7b-liger 7b-liger-fusion 1.5b 1.5b-losscompile ckpt moe 0.5b", run in order
+# CASES (default "parity 7b 7b-fusion 7b-liger 7b-liger-fusion 1.5b 1.5b-losscompile ckpt moe 0.5b
+# 7b-sameinit", run in order
 # while the budget lasts: 0.5b-losscompile, 1.5b-plain and 1.5b-liger train ours alone, with FAST
 # + train.fused_lm_loss_compile, on the plain path, or with the Liger kernels + fused LM loss;
 # moe is hf beside ours with the fused LM loss and grouped-GEMM experts; 1.5b-losscompile,
 # 1.5b-fusion and 7b-fusion train ours alone with FAST + train.fused_lm_loss_compile or
 # train.grad_accum_fusion; 7b-liger and 7b-liger-fusion train ours alone with the Liger kernels
 # + fused LM loss, without and with train.grad_accum_fusion; ckpt is tools/bench_checkpoint.py
-# with one rank on the GPU).
+# with one rank on the GPU; 7b-sameinit starts ours from transformers' initial weights so that
+# the two sides' bf16 losses in bench.jsonl compare step by step).
 # GPU_CHECK_CPU_SMOKE=1 runs the same plumbing on CPU with tiny models and 64-token sequences (to
 # test this script without a GPU; the numbers mean nothing). Results so far: tools/GPU_RESULTS.md.
 set -uo pipefail
@@ -49,7 +51,7 @@ mkdir -p "$OUT"
 BUDGET_S=${GPU_CHECK_BUDGET_S:-450}
 WARMUP=${WARMUP:-3}
 STEPS=${STEPS:-8}
-CASES=${CASES:-parity 7b 7b-fusion 7b-liger 7b-liger-fusion 1.5b 1.5b-losscompile ckpt moe 0.5b}
+CASES=${CASES:-parity 7b 7b-fusion 7b-liger 7b-liger-fusion 1.5b 1.5b-losscompile ckpt moe 0.5b 7b-sameinit}
 read -r -a FAST <<< "${FAST:-train.compile=layers train.fused_lm_loss=true}"
 SMOKE=${GPU_CHECK_CPU_SMOKE:-0}
 
@@ -143,6 +145,8 @@ EOF
             7b-liger-fusion) run_case qwen2_7b-8L-liger-fusion 100 "$t0" "$py" "${bench[@]}" --preset "$p7" --layers 8 \
                     --micro-batch "$mbs7" --only ours --override "train.liger_kernels=[rms_norm,swiglu,rope]" --fused-loss \
                     --override train.grad_accum_fusion=true --label qwen2_7b-8L-liger-wgradfusion ;;
+            7b-sameinit) run_case qwen2_7b-8L-sameinit 150 "$t0" "$py" "${bench[@]}" --preset "$p7" --layers 8 \
+                    --micro-batch "$mbs7" "${fast[@]}" --same-init --label qwen2_7b-8L-fast-sameinit ;;
             ckpt) run_case checkpoint 120 "$t0" "$py" "${ckpt[@]}" ;;
             1.5b-plain) run_case qwen2_1.5b-plain 100 "$t0" "$py" "${bench[@]}" --preset "$p15" --micro-batch "$mbs15" \
                     --only ours --label qwen2_1.5b-plain ;;
