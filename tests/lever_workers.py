@@ -21,7 +21,7 @@ from qwen2_megatron.parallel.ddp import wrap_ddp
 from qwen2_megatron.parallel.layout import ParallelLayout
 from qwen2_megatron.parallel.runtime import init_runtime, shutdown_runtime
 from qwen2_megatron.train.config import TrainerConfig
-from qwen2_megatron.train.optimizer import guarded_step, inner_optimizers
+from qwen2_megatron.train.optimizer import _clip_in_fused_adam, guarded_step, inner_optimizers
 from qwen2_megatron.train import trainer as trainer_module
 from qwen2_megatron.train.trainer import Trainer
 
@@ -100,7 +100,7 @@ def _random_tokens(_mixture: Any, _tokenizer: Any, seq_length: int, micro_batch_
     return _RandomTokens(model_vocab_size, seq_length, micro_batch_size, dp_rank)
 
 
-def _megatron_step(optimizer: Any) -> tuple[bool, float]:
+def _megatron_step(optimizer: Any, _clip_in_fused_adam: bool = False) -> tuple[bool, float]:
     """megatron-core's own optimizer step (prepare, norm and clip, update), for comparison with
     the trainer's guarded_step."""
     stepped, norm, _ = optimizer.step()
@@ -127,9 +127,15 @@ def _train(cfg: TrainerConfig, megatron_step: bool) -> dict[str, Any] | str:
         digest = sum(float(p.detach().double().square().sum()) for p in params)
         groups = [g for inner in inner_optimizers(trainer.optimizer) for g in inner.optimizer.param_groups]
         adam = "fused" if all(g["fused"] for g in groups) else "default" if not any(g["fused"] for g in groups) else "?"
+        # would guarded_step hand a clipping factor to the fused AdamW kernels of this optimizer?
+        inners = [inner for inner in inner_optimizers(trainer.optimizer) if inner.get_parameters()]
+        clip_in_adam = bool(scaled := _clip_in_fused_adam(inners, norm=1e9))
+        for torch_adam in scaled:
+            del torch_adam.grad_scale
         # weights whose last gradient the layer itself added into main_grad (train.grad_accum_fusion)
         fused_wgrads = sum(bool(getattr(p, "grad_added_to_main_grad", False)) for p in params)
-        return {"losses": losses, "grad_norms": norms, "digest": digest, "fused_wgrads": fused_wgrads, "graphs": counters["stats"]["unique_graphs"], "adam": adam}
+        return {"losses": losses, "grad_norms": norms, "digest": digest, "fused_wgrads": fused_wgrads,
+                "clip_in_adam": clip_in_adam, "graphs": counters["stats"]["unique_graphs"], "adam": adam}
     except (RuntimeError, AssertionError) as err:
         return f"{type(err).__name__}: {err}"
     finally:

@@ -46,6 +46,7 @@ class OptimConfig:
     distributed_optimizer: bool = True  # shard optimizer state over data-parallel ranks
     fused_adam: bool = True  # torch's fused AdamW kernel where megatron-core falls back to torch's AdamW
     foreach_kernels: bool = True  # torch's foreach gradient norm / clipping where megatron falls back
+    clip_in_fused_adam: bool = True  # fused AdamW applies the clipping factor in its kernel (no extra pass)
 
 
 @dataclass

@@ -98,23 +98,53 @@ def build_scheduler(optim: OptimConfig, train: TrainConfig, optimizer: MegatronO
     )
 
 
-def guarded_step(optimizer: MegatronOptimizer) -> tuple[bool, float]:
+def guarded_step(optimizer: MegatronOptimizer, clip_in_fused_adam: bool = False) -> tuple[bool, float]:
     """Step only if the gradient norm is finite; returns (stepped, grad norm).
 
     megatron's own step() would clip with a NaN coefficient and write NaN into the weights, so
     its three phases run here with the decision in between: prepare the gradients, take their
     norm once (reduced over all model-parallel ranks, so every rank decides alike; a
     ChainedOptimizer combines its dense and expert norms), then clip every inner optimizer's
-    gradients by that total norm as megatron's step does, and update.
+    gradients by that total norm as megatron's step does, and update. With clip_in_fused_adam
+    (optim.clip_in_fused_adam) and torch's fused AdamW everywhere, the clipping factor goes to
+    the fused kernel as its grad_scale (the AMP unscaling input: gradients divided by it as they
+    are read), which saves the separate multiply over all fp32 gradients.
     """
     if optimizer.prepare_grads():  # an fp16 loss scaler found inf/NaN (and lowered its scale)
         return False, float("nan")
     norm = float(optimizer.get_grad_norm())
     if not math.isfinite(norm):
         return False, norm
-    for inner in inner_optimizers(optimizer):
-        params = inner.get_parameters()
-        if inner.config.clip_grad > 0.0 and params:
-            # looked up at call time: the CPU compatibility layer wraps it after import
-            clip_grads.clip_grad_by_total_norm_fp32(params, inner.config.clip_grad, norm)
-    return bool(optimizer.step_with_ready_grads()), norm
+    inners = [inner for inner in inner_optimizers(optimizer) if inner.get_parameters()]
+    scaled = _clip_in_fused_adam(inners, norm) if clip_in_fused_adam else []
+    if not scaled:
+        for inner in inners:
+            if inner.config.clip_grad > 0.0:
+                # looked up at call time: the CPU compatibility layer wraps it after import
+                clip_grads.clip_grad_by_total_norm_fp32(inner.get_parameters(), inner.config.clip_grad, norm)
+    try:
+        return bool(optimizer.step_with_ready_grads()), norm
+    finally:
+        for adam in scaled:
+            del adam.grad_scale
+
+
+def _clip_in_fused_adam(inners: list[Any], norm: float) -> list[Any]:
+    """Hand megatron's clipping factor (clip_grad / (norm + 1e-6), applied when below 1) to each
+    torch fused AdamW as grad_scale = 1 / factor; the optimizers so set, or [] (then clip as
+    megatron does) unless every one of them is torch's fused AdamW with the same clip_grad."""
+    if not inners:
+        return []
+    adams = [getattr(inner, "optimizer", None) for inner in inners]
+    fused = all(isinstance(a, torch.optim.Adam | torch.optim.AdamW) and all(g.get("fused") for g in a.param_groups)
+                for a in adams)
+    clips = {inner.config.clip_grad for inner in inners}
+    if not fused or len(clips) != 1 or (clip := clips.pop()) <= 0.0:  # clip_grad <= 0: no clipping
+        return []
+    coeff = clip / (norm + 1.0e-6)
+    if coeff >= 1.0:  # megatron scales only by factors below 1
+        return []
+    for adam in adams:
+        device = adam.param_groups[0]["params"][0].device
+        adam.grad_scale = torch.tensor(1.0 / coeff, dtype=torch.float32, device=device)
+    return adams
