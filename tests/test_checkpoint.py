@@ -182,7 +182,6 @@ def test_retention_keeps_last_k_and_every_mth(tmp_path: Path) -> None:
     assert store.latest().name == "step_00000010"
 
 
-
 def test_package_versions_of_a_source_tree() -> None:
     """A package used from a source tree (PYTHONPATH, no pip install) has no metadata; the
     checkpoint description records that instead of failing the save (seen on a GPU machine)."""

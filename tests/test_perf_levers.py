@@ -219,14 +219,7 @@ def test_guarded_step_is_megatrons_step(results: dict, guarded: str, megatron: s
     its inverse instead of a multiply) the same up to rounding; with one optimizer and with a
     ChainedOptimizer (MoE: dense and expert parameters clipped by their combined norm), with
     clipping at work."""
-    for rank in _runs(results):
-        a, b = rank[guarded], rank[megatron]
-        assert isinstance(a, dict) and isinstance(b, dict), (a, b)
-        print(f"{guarded}: grad norms {a['grad_norms']}")
-        assert max(a["grad_norms"]) > 1.0  # optim.clip_grad: at least one step was clipped
-        for x, y in zip(a["losses"] + a["grad_norms"], b["losses"] + b["grad_norms"], strict=True):
-            assert abs(x - y) <= tolerance * max(1.0, abs(y)), (x, y)
-        assert abs(a["digest"] - b["digest"]) <= tolerance * b["digest"]
+    _assert_same_clipped_steps(results, guarded, megatron, tolerance)
 
 
 @pytest.mark.parametrize("foreach, default", [("a_plain", "a_default_kernels"),
@@ -235,14 +228,20 @@ def test_foreach_kernels_follow_megatrons_fallbacks(results: dict, foreach: str,
     """optim.foreach_kernels (the default): torch's foreach norm and scaling give the gradient
     norms, clipped updates and parameters of megatron's per-tensor fallbacks, up to summation
     order; with the distributed optimizer in fp32 and with megatron's bf16 optimizer."""
+    _assert_same_clipped_steps(results, foreach, default, SAME)
+
+
+def _assert_same_clipped_steps(results: dict, run: str, reference: str, tolerance: float) -> None:
+    """On every rank: run's per-step losses and gradient norms and its final parameters (digest)
+    are reference's within tolerance (relative, absolute below 1), with clipping at work."""
     for rank in _runs(results):
-        a, b = rank[foreach], rank[default]
+        a, b = rank[run], rank[reference]
         assert isinstance(a, dict) and isinstance(b, dict), (a, b)
-        print(f"{foreach}: grad norms {a['grad_norms']}, {default}: {b['grad_norms']}")
+        print(f"{run}: grad norms {a['grad_norms']}, {reference}: {b['grad_norms']}")
         assert max(a["grad_norms"]) > 1.0  # optim.clip_grad: at least one step was clipped
-        for x, y in zip(a["grad_norms"] + a["losses"], b["grad_norms"] + b["losses"], strict=True):
-            assert abs(x - y) <= SAME * max(1.0, abs(y)), (x, y)
-        assert abs(a["digest"] - b["digest"]) <= SAME * b["digest"]
+        for x, y in zip(a["losses"] + a["grad_norms"], b["losses"] + b["grad_norms"], strict=True):
+            assert abs(x - y) <= tolerance * max(1.0, abs(y)), (x, y)
+        assert abs(a["digest"] - b["digest"]) <= tolerance * b["digest"]
 
 
 @pytest.mark.parametrize("unfused, fused", [("a_plain", "a_wgrad_fusion"),

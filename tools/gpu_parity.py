@@ -12,7 +12,8 @@ same random tokens through torch SDPA attention. Checks:
   times transformers' own bf16 error, plus a small floor (bf16 rounding differs between any two
   implementations, so "as accurate as transformers" is the criterion), both in mean and in loss;
 - fast paths (dense): bf16 loss and gradients of our model with each fast path (Liger kernels
-  when liger-kernel is installed, compiled layers, the fused LM loss eager and compiled) against
+  when liger-kernel is installed, compiled layers, the fused LM loss eager and compiled, weight-
+  gradient accumulation into main_grad alone and with compiled layers + fused LM loss) against
   the fp32 reference are within --bf16-factor of the plain bf16 path's error (relative L2 over
   all gradients), plus a small floor.
 Prints one line per check, a JSON summary as the last line (--json-out appends it to a file),
@@ -95,9 +96,8 @@ def ours_grads(path: Path, precision: str, tokens: Any, labels: Any, runtime: An
     from qwen2_megatron.convert.hf_io import HFCheckpoint, gather_hf_state, load_hf_weights
     from qwen2_megatron.model.builder import build_model
     from qwen2_megatron.model.forward import forward_backward
-    from qwen2_megatron.parallel.ddp import wrap_ddp
-
     from qwen2_megatron.model.wgrad_accumulation import enable_wgrad_accumulation_fusion
+    from qwen2_megatron.parallel.ddp import wrap_ddp
 
     if wgrad_fusion:
         enable_wgrad_accumulation_fusion()

@@ -56,6 +56,11 @@ def inner_optimizers(optimizer: MegatronOptimizer) -> list[Any]:
     return list(getattr(optimizer, "chained_optimizers", [optimizer]))
 
 
+def stepping_optimizers(optimizer: MegatronOptimizer) -> list[Any]:
+    """The inner optimizers that hold parameters (a stub or empty one takes no part in a step)."""
+    return [inner for inner in inner_optimizers(optimizer) if inner.get_parameters()]
+
+
 def _use_fused_adam(optimizer: MegatronOptimizer) -> None:
     """Switch megatron's torch AdamW fallback to torch's fused implementation (same update rule).
 
@@ -115,7 +120,7 @@ def guarded_step(optimizer: MegatronOptimizer, clip_in_fused_adam: bool = False)
     norm = float(optimizer.get_grad_norm())
     if not math.isfinite(norm):
         return False, norm
-    inners = [inner for inner in inner_optimizers(optimizer) if inner.get_parameters()]
+    inners = stepping_optimizers(optimizer)
     scaled = _clip_in_fused_adam(inners, norm) if clip_in_fused_adam else []
     if not scaled:
         for inner in inners:
@@ -133,8 +138,6 @@ def _clip_in_fused_adam(inners: list[Any], norm: float) -> list[Any]:
     """Hand megatron's clipping factor (clip_grad / (norm + 1e-6), applied when below 1) to each
     torch fused AdamW as grad_scale = 1 / factor; the optimizers so set, or [] (then clip as
     megatron does) unless every one of them is torch's fused AdamW with the same clip_grad."""
-    if not inners:
-        return []
     adams = [getattr(inner, "optimizer", None) for inner in inners]
     fused = all(isinstance(a, torch.optim.Adam | torch.optim.AdamW) and all(g.get("fused") for g in a.param_groups)
                 for a in adams)
