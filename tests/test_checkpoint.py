@@ -13,7 +13,13 @@ from qwen2_megatron.checkpoint.location import remove_tree
 from qwen2_megatron.checkpoint.config import CheckpointConfig
 from qwen2_megatron.checkpoint.model_checkpoint import CheckpointMismatchError, check_shape
 from qwen2_megatron.checkpoint.store import CheckpointStore
-from qwen2_megatron.checkpoint.validate import IncompleteCheckpointError, UnsafeCheckpointError, check_files
+from qwen2_megatron.checkpoint.validate import (
+    CorruptShardError,
+    IncompleteCheckpointError,
+    UnsafeCheckpointError,
+    check_files,
+    verify_checksums,
+)
 from qwen2_megatron.cli import checkpoint as checkpoint_cli
 from qwen2_megatron.data.demo import demo_mixture
 from qwen2_megatron.model.presets import get_preset
@@ -131,6 +137,16 @@ def test_damaged_files_are_named(runs: dict, tmp_path: Path) -> None:
     victim.write_bytes(victim.read_bytes()[:1000])
     with pytest.raises(IncompleteCheckpointError, match=f"shard {victim} is truncated"):
         check_files(shard)
+    verify_checksums(good)
+    flipped = tmp_path / "flipped"
+    shutil.copytree(good, flipped)
+    victim = _flip_a_byte(flipped)
+    check_files(flipped)  # same sizes: only the checksums tell
+    with pytest.raises(CorruptShardError, match=f"shard {victim} is corrupt: the record of .* fails its checksum"):
+        verify_checksums(flipped)
+    assert checkpoint_cli.main(["inspect", str(flipped)]) == 0
+    assert checkpoint_cli.main(["inspect", "--checksums", str(flipped)]) == 1
+    assert checkpoint_cli.main(["inspect", "--checksums", str(good)]) == 0
     no_index = tmp_path / "no_index"
     shutil.copytree(good, no_index)
     (no_index / ".metadata").unlink()
@@ -157,15 +173,25 @@ def test_resume_falls_back_past_a_damaged_newest_checkpoint(runs: dict, tmp_path
     store = CheckpointStore(run_dir / "checkpoints")
     newest = store.latest()
     assert newest is not None and newest.name == "step_00000006"
-    for shard in newest.glob("*.distcp"):
-        shard.write_bytes(b"")  # truncated by a crash of the storage
+    victim = _flip_a_byte(newest)  # bit rot: the size is intact, only the checksums notice
+    check_files(newest)
     (run_dir / "checkpoints" / ".step_00000009.partial").mkdir()  # an interrupted save
     cfg = _cfg(tmp_path, "fallback", 6, ParallelLayout(), save_at_end=False)
     (losses,) = spawn(train_configs, 1, [cfg])[0]
     assert losses == pytest.approx(runs["ref"][3:], abs=RESHARD_TOL)  # resumed at step 3 again
     strict = replace(cfg, checkpoint=replace(cfg.checkpoint, fallback=False))
     (message,) = spawn(train_configs, 1, [strict])[0]
-    assert isinstance(message, str) and "cannot resume from" in message and "truncated" in message
+    assert isinstance(message, str) and "cannot resume from" in message
+    assert f"shard {victim} is corrupt" in message and "fails its checksum" in message, message
+
+
+def _flip_a_byte(checkpoint: Path) -> Path:
+    """Invert one byte in the middle of the checkpoint's largest shard (tensor data); returns it."""
+    victim = max(checkpoint.glob("*.distcp"), key=lambda f: f.stat().st_size)
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    victim.write_bytes(data)
+    return victim
 
 
 def test_retention_keeps_last_k_and_every_mth(tmp_path: Path) -> None:

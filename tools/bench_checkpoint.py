@@ -3,17 +3,19 @@ asynchronous save costs the training step that triggers it.
 
     python tools/bench_checkpoint.py [--dir /path/on/the/storage] [--layers 8] [--nproc 2]
 
-Builds a Qwen2-0.5B-shaped model (fewer layers to fit a laptop) with megatron DDP and the
+Builds a Qwen2-0.5B-shaped model (--preset; fewer layers to fit a laptop) with megatron DDP and the
 distributed optimizer on `nproc` local ranks and trains it on random tokens (on the GPU where there
 is one: --nproc 1 per GPU of the machine). Times: a training
 step; full synchronous checkpoints (model + optimizer, torch_dist, fsync'd, published
 atomically); asynchronous checkpoints (the part that blocks training, then a training step run
-while the background writer works, then the time until published); and, after each synchronous
-save, a plain sequential write of the same number of bytes with fsync on the same disk. Then
-loads of the last synchronous checkpoint (model + optimizer, as a resume does), with every rank
-reading all the weights and with checkpoint.fully_parallel_load (the weights' reading spread over
-the data-parallel ranks, then exchanged), and the bytes rank 0 read (/proc/self/io rchar:
-page-cache hits included).
+while the background writer works, then the time until published); and, right after each
+synchronous save, a plain sequential write of the same number of bytes with fsync on the same
+disk. The save's speed is given as the median of those pairs' ratios, since a disk's speed drifts
+between one pair and the next. Then loads of the last synchronous checkpoint (model + optimizer,
+as a resume does), with every rank reading all the weights and with
+checkpoint.fully_parallel_load (the weights' reading spread over the data-parallel ranks, then
+exchanged), the bytes rank 0 read (/proc/self/io rchar: page-cache hits included), and the
+verification of the shards' checksums that a resume runs first (each rank its share of the files).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import statistics
 import tempfile
 import time
 from dataclasses import replace
@@ -48,7 +51,7 @@ def _bytes_read() -> int:
     raise RuntimeError("/proc/self/io has no rchar line")
 
 
-def save_rank(directory: str, layers: int, repeats: int, seq: int, threads: int, precision: str,
+def save_rank(directory: str, preset: str, layers: int, repeats: int, seq: int, threads: int, precision: str,
               micro_batches: int) -> dict[str, list[float]]:
     import torch
     import torch.distributed as dist
@@ -56,6 +59,7 @@ def save_rank(directory: str, layers: int, repeats: int, seq: int, threads: int,
     from qwen2_megatron.checkpoint.config import CheckpointConfig
     from qwen2_megatron.checkpoint.manager import CheckpointManager
     from qwen2_megatron.checkpoint.train_checkpoint import load_training
+    from qwen2_megatron.checkpoint.validate import shard_files, verify_checksums
     from qwen2_megatron.model.builder import build_model
     from qwen2_megatron.model.forward import forward_backward
     from qwen2_megatron.model.presets import get_preset
@@ -67,7 +71,7 @@ def save_rank(directory: str, layers: int, repeats: int, seq: int, threads: int,
 
     if threads:
         torch.set_num_threads(threads)
-    shape = replace(get_preset("qwen2_0.5b"), num_hidden_layers=layers)
+    shape = replace(get_preset(preset), num_hidden_layers=layers)
     runtime = init_runtime(ParallelLayout())
     try:
         chunks = wrap_ddp(build_model(shape, runtime.layout, precision), use_distributed_optimizer=True)
@@ -115,6 +119,13 @@ def save_rank(directory: str, layers: int, repeats: int, seq: int, threads: int,
             times["step_while_writing"].append(train_step())
             background.wait()
             times["async_total"].append(time.perf_counter() - start)
+        times["verify_checksums"] = []
+        for _ in range(repeats):
+            dist.barrier()
+            start = time.perf_counter()
+            verify_checksums(path, shard_files(path)[dist.get_rank()::dist.get_world_size()])
+            dist.barrier()
+            times["verify_checksums"].append(time.perf_counter() - start)
         for name, fully_parallel in (("load_every_rank_reads_all", False), ("load_reads_spread", True)):
             times[name], times[name + "_bytes_read"] = [], []
             for _ in range(repeats):
@@ -132,6 +143,7 @@ def save_rank(directory: str, layers: int, repeats: int, seq: int, threads: int,
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()))
+    parser.add_argument("--preset", default="qwen2_0.5b", help="model shape (qwen2-model-info lists them)")
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--nproc", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
@@ -149,17 +161,19 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-ckpt-", dir=args.dir))
     try:
         times = spawn(
-            save_rank, args.nproc, str(work / "ckpt"), args.layers, args.repeats, args.seq, args.threads,
+            save_rank, args.nproc, str(work / "ckpt"), args.preset, args.layers, args.repeats, args.seq, args.threads,
             args.precision, args.micro_batches,
         )[0]
         best = {key: min(values) for key, values in times.items()}
         nbytes, raw_s, save_s = best["bytes"], best["raw_write"], best["sync_save"]
+        ratios = sorted(raw / save for raw, save in zip(times["raw_write"], times["sync_save"]))
         slowed = (best["async_blocking"] + best["step_while_writing"]) / best["step"] - 1
-        print(f"checkpoint size       {nbytes / 2**30:.2f} GiB ({args.layers}-layer Qwen2-0.5B shape, "
-              f"model + Adam, {args.nproc} ranks); best of {args.repeats} for every figure")
+        print(f"checkpoint size       {nbytes / 2**30:.2f} GiB ({args.layers}-layer {args.preset} shape, "
+              f"model + Adam, {args.nproc} ranks); best of {args.repeats} for every time")
         print(f"checkpoint save       {save_s:.2f} s  -> {nbytes / save_s / 1e9:.2f} GB/s")
         print(f"raw write + fsync     {raw_s:.2f} s  -> {nbytes / raw_s / 1e9:.2f} GB/s")
-        print(f"ratio                 {raw_s / save_s:.2f}x of the raw write speed")
+        print(f"ratio                 {statistics.median(ratios):.2f}x of the raw write speed (median of the "
+              f"{len(ratios)} save/raw pairs, range {ratios[0]:.2f}-{ratios[-1]:.2f}x)")
         threads = f"{args.threads} CPU threads per rank" if args.threads else "torch's default CPU threads"
         print(f"training step         {best['step']:.2f} s ({args.precision}, {args.micro_batches} micro-batch(es) of "
               f"seq {args.seq}, {threads})")
@@ -168,6 +182,8 @@ def main() -> None:
         print(f"step triggering save  {100 * slowed:+.1f}% vs a plain step (async)")
         for name, label in (("load_every_rank_reads_all", "load"), ("load_reads_spread", "load, fully parallel")):
             print(f"{label:<22}{best[name]:.2f} s, {best[name + '_bytes_read'] / 2**30:.2f} GiB read by rank 0")
+        print(f"verify checksums      {best['verify_checksums']:.2f} s (before a resume's load; "
+              f"{nbytes / best['verify_checksums'] / 1e9:.2f} GB/s over {args.nproc} ranks)")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -20,3 +20,6 @@ class CheckpointConfig:
     # storage serves each byte once per replica group instead of once per DP rank (slower on one
     # node's local disk, where the exchange costs more than the reads: README, Checkpoints)
     fully_parallel_load: bool = False
+    # resume: read every shard back and check the CRC-32 each record was written with, the files
+    # spread over the ranks (a changed byte would otherwise load silently as a wrong weight)
+    verify_checksums: bool = True

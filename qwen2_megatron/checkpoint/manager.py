@@ -4,11 +4,12 @@ Saving: every `interval` steps, at the end, and on request (a signal or a SAVE f
 directory; see train/trainer.py). With `async_save`, the step that saves only captures the state
 and hands the shards to megatron-core's background writer; the checkpoint is published when every
 rank's writer has finished (checked at each step by `poll`), and at most one save is in flight.
-Resuming: `resume=auto` takes the newest complete checkpoint of
-the run (starting fresh when there is none), reports incomplete ones, and with `fallback` skips a
-newest checkpoint whose files are damaged; `resume=<path>` loads exactly that checkpoint;
-`resume=none` starts fresh. Every decision is taken on rank 0 and broadcast, so all ranks load
-the same checkpoint or none.
+Resuming: `resume=auto` takes the newest complete checkpoint of the run (starting fresh when there
+is none), reports incomplete ones, and with `fallback` skips a newest checkpoint whose files are
+damaged (missing, truncated, or failing their checksums: `verify_checksums`); `resume=<path>`
+loads exactly that checkpoint; `resume=none` starts fresh. Every decision is taken on rank 0 (the
+checksums on every rank, for its share of the files) and shared, so all ranks load the same
+checkpoint or none.
 Retention deletes old checkpoints in a background thread (on shared file systems and object stores
 a deletion takes long, and every rank would wait for it); their markers go first, synchronously.
 """
@@ -27,7 +28,14 @@ from qwen2_megatron.checkpoint.config import CheckpointConfig
 from qwen2_megatron.checkpoint.location import Location, location, remove_tree
 from qwen2_megatron.checkpoint.store import CheckpointStore, checkpoint_step
 from qwen2_megatron.checkpoint.train_checkpoint import load_training, save_training
-from qwen2_megatron.checkpoint.validate import IncompleteCheckpointError, UnsafeCheckpointError, check_files
+from qwen2_megatron.checkpoint.validate import (
+    CorruptShardError,
+    IncompleteCheckpointError,
+    UnsafeCheckpointError,
+    check_files,
+    shard_files,
+    verify_checksums,
+)
 from qwen2_megatron.model.shape import Qwen2Shape
 from qwen2_megatron.parallel.layout import ParallelLayout
 
@@ -154,7 +162,8 @@ class CheckpointManager:
         return sorted(listing.complete, key=checkpoint_step, reverse=True)
 
     def _check(self, path: Location) -> str | None:
-        """Rank 0 checks the files; every rank gets the same verdict."""
+        """Rank 0 checks the files, then every rank verifies the checksums of its share of the
+        shards; every rank gets the same verdict."""
         verdict: list[str | None] = [None]
         if self.main:
             try:
@@ -162,4 +171,16 @@ class CheckpointManager:
             except (IncompleteCheckpointError, UnsafeCheckpointError) as err:
                 verdict[0] = str(err)
         dist.broadcast_object_list(verdict, src=0)
-        return verdict[0]
+        if verdict[0] is not None or not self.cfg.verify_checksums:
+            return verdict[0]
+        start, rank, world = time.perf_counter(), dist.get_rank(), dist.get_world_size()
+        try:
+            verify_checksums(path, shard_files(path)[rank::world])
+            mine = None
+        except CorruptShardError as err:
+            mine = str(err)
+        verdicts: list[str | None] = [None] * world
+        dist.all_gather_object(verdicts, mine)
+        if self.main and not any(verdicts):
+            print(f"verified the checksums of {path} in {time.perf_counter() - start:.2f} s", flush=True)
+        return next((problem for problem in verdicts if problem), None)

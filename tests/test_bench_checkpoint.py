@@ -1,0 +1,32 @@
+"""tools/bench_checkpoint.py runs end to end on CPU (2 ranks, tiny shape) and reports every figure.
+
+A smoke test of the benchmark script, not a timing assertion (timings on a shared CPU mean
+nothing); it is what keeps the script working for the runs on real storage and GPU nodes.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+TOOL = REPO / "tools" / "bench_checkpoint.py"
+
+
+def test_two_ranks_report_save_async_load_and_checksums(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, str(TOOL), "--preset", "tiny", "--layers", "1", "--nproc", "2", "--repeats", "2",
+         "--seq", "32", "--dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=900, cwd=REPO,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = proc.stdout
+    size = re.search(r"checkpoint size\s+([\d.]+) GiB \(1-layer tiny shape, model \+ Adam, 2 ranks\)", out)
+    assert size and float(size.group(1)) > 0, out
+    assert re.search(r"ratio\s+[\d.]+x of the raw write speed \(median of the 2 save/raw pairs", out), out
+    for label in ("checkpoint save", "raw write \\+ fsync", "training step", "async save", "step triggering save",
+                  "load", "load, fully parallel", "verify checksums"):
+        assert re.search(rf"^{label}\s+[-+\d.]", out, re.MULTILINE), (label, out)
+    assert list(tmp_path.iterdir()) == []  # the benchmark's checkpoints are removed
