@@ -38,6 +38,19 @@ def save_random_hf(path: Path, moe: bool, seed: int = 0, **overrides) -> Path:
     return path
 
 
+def flip_a_weight_byte(checkpoint: Path) -> Path:
+    """Invert one byte in the middle of the largest tensor record of a torch_dist checkpoint (its
+    data, which the record's checksum covers, not zip padding); returns the shard file."""
+    from qwen2_megatron.checkpoint.validate import read_index
+
+    info = max(read_index(checkpoint).storage_data.values(), key=lambda i: i.length)
+    shard = checkpoint / info.relative_path
+    data = bytearray(shard.read_bytes())
+    data[info.offset + info.length // 2] ^= 0xFF
+    shard.write_bytes(data)
+    return shard
+
+
 @pytest.fixture(scope="session")
 def hf_dense(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_random_hf(tmp_path_factory.mktemp("hf") / "dense", moe=False)

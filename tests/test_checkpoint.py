@@ -26,6 +26,7 @@ from qwen2_megatron.model.presets import get_preset
 from qwen2_megatron.parallel.layout import ParallelLayout
 from qwen2_megatron.parallel.local_launch import spawn
 from qwen2_megatron.train.config import LogConfig, OptimConfig, RunConfig, TrainConfig, TrainerConfig
+from tests.conftest import flip_a_weight_byte
 from tests.trainer_workers import train_configs
 
 RESHARD_TOL = 1e-4
@@ -140,7 +141,7 @@ def test_damaged_files_are_named(runs: dict, tmp_path: Path) -> None:
     verify_checksums(good)
     flipped = tmp_path / "flipped"
     shutil.copytree(good, flipped)
-    victim = _flip_a_byte(flipped)
+    victim = flip_a_weight_byte(flipped)
     check_files(flipped)  # same sizes: only the checksums tell
     with pytest.raises(CorruptShardError, match=f"shard {victim} is corrupt: the record of .* fails its checksum"):
         verify_checksums(flipped)
@@ -173,7 +174,7 @@ def test_resume_falls_back_past_a_damaged_newest_checkpoint(runs: dict, tmp_path
     store = CheckpointStore(run_dir / "checkpoints")
     newest = store.latest()
     assert newest is not None and newest.name == "step_00000006"
-    victim = _flip_a_byte(newest)  # bit rot: the size is intact, only the checksums notice
+    victim = flip_a_weight_byte(newest)  # bit rot: the size is intact, only the checksums notice
     check_files(newest)
     (run_dir / "checkpoints" / ".step_00000009.partial").mkdir()  # an interrupted save
     cfg = _cfg(tmp_path, "fallback", 6, ParallelLayout(), save_at_end=False)
@@ -183,15 +184,6 @@ def test_resume_falls_back_past_a_damaged_newest_checkpoint(runs: dict, tmp_path
     (message,) = spawn(train_configs, 1, [strict])[0]
     assert isinstance(message, str) and "cannot resume from" in message
     assert f"shard {victim} is corrupt" in message and "fails its checksum" in message, message
-
-
-def _flip_a_byte(checkpoint: Path) -> Path:
-    """Invert one byte in the middle of the checkpoint's largest shard (tensor data); returns it."""
-    victim = max(checkpoint.glob("*.distcp"), key=lambda f: f.stat().st_size)
-    data = bytearray(victim.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    victim.write_bytes(data)
-    return victim
 
 
 def test_retention_keeps_last_k_and_every_mth(tmp_path: Path) -> None:

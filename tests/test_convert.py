@@ -16,7 +16,8 @@ from qwen2_megatron.convert.convert import export_hf, import_hf
 from qwen2_megatron.convert.hf_io import CheckpointFormatError, HFCheckpoint
 from qwen2_megatron.model.shape import ShapeError
 from qwen2_megatron.parallel.layout import LayoutError, ParallelLayout
-from tests.conftest import save_random_hf
+from qwen2_megatron.parallel.local_launch import WorkerError
+from tests.conftest import flip_a_weight_byte, save_random_hf
 
 
 def _tensors(directory: Path) -> dict[str, torch.Tensor]:
@@ -63,6 +64,12 @@ def test_moe_round_trip_ep2_to_tp2(tmp_path: Path, hf_moe: Path) -> None:
     _assert_bit_exact(hf_moe, tmp_path / "back")
     config = json.loads((tmp_path / "back" / "config.json").read_text())
     assert config["architectures"] == ["Qwen2MoeForCausalLM"] and config["num_experts"] == 4
+
+    # a weight whose bytes changed after writing is found by its checksum, not exported
+    victim = flip_a_weight_byte(tmp_path / "mcore")
+    with pytest.raises(WorkerError, match=f"shard {victim} is corrupt: the record of .* fails its checksum"):
+        export_hf(tmp_path / "mcore", tmp_path / "rotten")
+    assert not (tmp_path / "rotten").exists()
 
 
 def test_missing_files_are_named(tmp_path: Path, hf_dense: Path) -> None:

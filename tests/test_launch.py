@@ -1,5 +1,6 @@
 """qwen2-launch without running anything: the exact commands and sbatch script it prints, the
-checks that fail before submission, SLURM time limits, and the submitit sweep config."""
+checks that fail before submission, SLURM time limits, and the submitit sweep config; and the
+ranks' default environment at work."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from hydra import compose, initialize_config_dir
 from qwen2_megatron.cli.launch import main
 from qwen2_megatron.cli.train import CONF_DIR, _register
 from qwen2_megatron.launch.checks import slurm_time_s
+from qwen2_megatron.launch.config import LauncherConfig
+from qwen2_megatron.parallel.local_launch import spawn
 
 SHORT = ["train.steps=5", "optim.warmup_steps=1"]
 
@@ -28,7 +31,9 @@ def launch_dry(capsys: pytest.CaptureFixture, *overrides: str) -> tuple[int, str
 def test_local_prints_the_trainer_command(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
     code, out, _ = launch_dry(capsys, f"run.dir={tmp_path}/../{tmp_path.name}")
     assert code == 0
-    assert out.strip() == shlex.join([sys.executable, "-m", "qwen2_megatron.cli.train", *SHORT, f"run.dir={tmp_path}"])
+    assert out.strip() == shlex.join(
+        ["env", "THP_MEM_ALLOC_ENABLE=1", sys.executable, "-m", "qwen2_megatron.cli.train", *SHORT, f"run.dir={tmp_path}"]
+    )
 
 
 def test_torchrun_single_and_multi_node(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
@@ -40,7 +45,7 @@ def test_torchrun_single_and_multi_node(capsys: pytest.CaptureFixture, tmp_path:
         "run.name=job7", f"run.dir={tmp_path}",
     )
     assert code == 0
-    assert out.startswith("env NCCL_DEBUG=WARN ")
+    assert out.startswith("env THP_MEM_ALLOC_ENABLE=1 NCCL_DEBUG=WARN ")  # the default, then the user's
     assert ("--nnodes=2 --nproc-per-node=1 --rdzv-backend=c10d --rdzv-endpoint=10.1.0.1:29500 --rdzv-id=job7 "
             "--local-addr=10.1.0.1 --rdzv-conf=is_host=true -m qwen2_megatron.cli.train") in out
 
@@ -60,7 +65,7 @@ def test_sbatch_script(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
                  "#SBATCH --partition=gpu", "#SBATCH --account=proj1", "#SBATCH --qos=high",
                  "#SBATCH --time=2-00:00:00", "#SBATCH --exclusive", "#SBATCH --cpus-per-task=8",
                  "#SBATCH --signal=B:USR1@300", "#SBATCH --requeue", "#SBATCH --open-mode=append",
-                 f"#SBATCH --output={tmp_path}/slurm-%j.log", "export NCCL_IB_HCA=mlx5",
+                 f"#SBATCH --output={tmp_path}/slurm-%j.log", "export THP_MEM_ALLOC_ENABLE=1", "export NCCL_IB_HCA=mlx5",
                  'MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
                  "MASTER_PORT=$((20000 + SLURM_JOB_ID % 40000))",
                  'elif [ "$restarts" -ge 3 ]; then', "\"step\": 5[,}]"]:
@@ -126,3 +131,27 @@ def test_dockerfile_lints_clean() -> None:
     dockerfile = Path(__file__).resolve().parents[1] / "docker" / "Dockerfile"
     run = subprocess.run([hadolint, dockerfile], capture_output=True, text=True)
     assert run.returncode == 0, run.stdout + run.stderr
+
+
+THP_MODE = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+
+
+def _huge_page_kib_of_a_host_buffer() -> int:
+    """KiB of this process's memory in transparent huge pages once a 64 MiB tensor is filled."""
+    import torch
+
+    buffer = torch.ones(64 << 20, dtype=torch.uint8)
+    rollup = Path("/proc/self/smaps_rollup").read_text().splitlines()
+    del buffer
+    return sum(int(line.split()[1]) for line in rollup if line.startswith("AnonHugePages:"))
+
+
+@pytest.mark.skipif(not THP_MODE.exists() or "[never]" in THP_MODE.read_text(), reason="no transparent huge pages")
+def test_ranks_back_large_host_buffers_with_huge_pages() -> None:
+    """launcher.env's default makes torch's CPU allocator ask for huge pages (ranks started by
+    qwen2-train, torchrun or SLURM get it); without it a kernel in `madvise` mode gives none."""
+    (with_default,) = spawn(_huge_page_kib_of_a_host_buffer, 1, env=LauncherConfig().env)
+    assert with_default >= 32 << 10, with_default
+    if "[madvise]" in THP_MODE.read_text():
+        (switched_off,) = spawn(_huge_page_kib_of_a_host_buffer, 1, env={"THP_MEM_ALLOC_ENABLE": "0"})
+        assert switched_off < 32 << 10, switched_off

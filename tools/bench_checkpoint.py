@@ -156,13 +156,14 @@ def main() -> None:
         "background writer, as a GPU node does",
     )
     args = parser.parse_args()
+    from qwen2_megatron.launch.config import LauncherConfig
     from qwen2_megatron.parallel.local_launch import spawn
 
     work = Path(tempfile.mkdtemp(prefix="bench-ckpt-", dir=args.dir))
     try:
         times = spawn(
             save_rank, args.nproc, str(work / "ckpt"), args.preset, args.layers, args.repeats, args.seq, args.threads,
-            args.precision, args.micro_batches,
+            args.precision, args.micro_batches, env=LauncherConfig().env,  # the trainer's rank environment
         )[0]
         best = {key: min(values) for key, values in times.items()}
         nbytes, raw_s, save_s = best["bytes"], best["raw_write"], best["sync_save"]

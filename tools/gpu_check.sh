@@ -16,17 +16,17 @@
 # side). Knobs (environment): GPU_CHECK_BUDGET_S (default 450: seconds for all cases after the
 # pre-flight; a case that would start with under 45 s left is skipped), WARMUP (3), STEPS (8),
 # MBS_05B / MBS_15B / MBS_7B / MOE_LAYERS (default by GPU memory, see below), FAST (the overrides
-# of "ours" beside hf in the 1.5b, 7b and 0.5b cases; default compiled layers + fused LM loss),
-# CASES (default "parity 7b 7b-fusion 7b-liger 7b-liger-fusion 1.5b 1.5b-losscompile ckpt moe 0.5b
-# 7b-sameinit", run in order
-# while the budget lasts: 0.5b-losscompile, 1.5b-plain and 1.5b-liger train ours alone, with FAST
-# + train.fused_lm_loss_compile, on the plain path, or with the Liger kernels + fused LM loss;
-# moe is hf beside ours with the fused LM loss and grouped-GEMM experts; 1.5b-losscompile,
-# 1.5b-fusion and 7b-fusion train ours alone with FAST + train.fused_lm_loss_compile or
-# train.grad_accum_fusion; 7b-liger and 7b-liger-fusion train ours alone with the Liger kernels
-# + fused LM loss, without and with train.grad_accum_fusion; ckpt is tools/bench_checkpoint.py
+# of "ours" beside hf in the 1.5b, 7b and 0.5b cases; default compiled layers + compiled fused LM loss),
+# CASES (default "parity 7b 1.5b ckpt 7b-sameinit 7b-autocast moe 0.5b", run in order while the
+# budget lasts; also 7b-fusion, 7b-liger, 7b-liger-fusion, 1.5b-fusion, 1.5b-plain, 1.5b-liger):
+# 1.5b-plain and 1.5b-liger train ours alone on the plain path, or with the Liger kernels + fused
+# LM loss; moe is hf beside ours with the fused LM loss and grouped-GEMM experts; 1.5b-fusion and
+# 7b-fusion train ours alone with FAST + train.grad_accum_fusion; 7b-liger and 7b-liger-fusion
+# train ours alone with the Liger kernels + fused LM loss, without and with
+# train.grad_accum_fusion; ckpt is tools/bench_checkpoint.py
 # with one rank on the GPU; 7b-sameinit starts ours from transformers' initial weights so that
-# the two sides' bf16 losses in bench.jsonl compare step by step).
+# the two sides' bf16 losses in bench.jsonl compare step by step; 7b-autocast is hf with fp32
+# master weights under bf16 autocast, the numerics ours has, instead of pure bf16).
 # GPU_CHECK_CPU_SMOKE=1 runs the same plumbing on CPU with tiny models and 64-token sequences (to
 # test this script without a GPU; the numbers mean nothing). Results so far: tools/GPU_RESULTS.md.
 set -uo pipefail
@@ -51,8 +51,8 @@ mkdir -p "$OUT"
 BUDGET_S=${GPU_CHECK_BUDGET_S:-450}
 WARMUP=${WARMUP:-3}
 STEPS=${STEPS:-8}
-CASES=${CASES:-parity 7b 7b-fusion 7b-liger 7b-liger-fusion 1.5b 1.5b-losscompile ckpt moe 0.5b 7b-sameinit}
-read -r -a FAST <<< "${FAST:-train.compile=layers train.fused_lm_loss=true}"
+CASES=${CASES:-parity 7b 1.5b ckpt 7b-sameinit 7b-autocast moe 0.5b}
+read -r -a FAST <<< "${FAST:-train.compile=layers train.fused_lm_loss=true train.fused_lm_loss_compile=true}"
 SMOKE=${GPU_CHECK_CPU_SMOKE:-0}
 
 pick_python() {
@@ -127,12 +127,6 @@ EOF
             parity) run_case parity 120 "$t0" "$py" "${parity[@]}" ;;
             1.5b) run_case qwen2_1.5b 150 "$t0" "$py" "${bench[@]}" --preset "$p15" --micro-batch "$mbs15" "${fast[@]}" \
                     --label qwen2_1.5b-fast ;;
-            0.5b-losscompile) run_case qwen2_0.5b-losscompile 100 "$t0" "$py" "${bench[@]}" --preset "$p05" \
-                    --micro-batch "$mbs05" --only ours "${fast[@]}" --override train.fused_lm_loss_compile=true \
-                    --label qwen2_0.5b-fast-losscompile ;;
-            1.5b-losscompile) run_case qwen2_1.5b-losscompile 100 "$t0" "$py" "${bench[@]}" --preset "$p15" \
-                    --micro-batch "$mbs15" --only ours "${fast[@]}" --override train.fused_lm_loss_compile=true \
-                    --label qwen2_1.5b-fast-losscompile ;;
             1.5b-fusion) run_case qwen2_1.5b-fusion 100 "$t0" "$py" "${bench[@]}" --preset "$p15" \
                     --micro-batch "$mbs15" --only ours "${fast[@]}" --override train.grad_accum_fusion=true \
                     --label qwen2_1.5b-fast-wgradfusion ;;
@@ -147,6 +141,8 @@ EOF
                     --override train.grad_accum_fusion=true --label qwen2_7b-8L-liger-wgradfusion ;;
             7b-sameinit) run_case qwen2_7b-8L-sameinit 150 "$t0" "$py" "${bench[@]}" --preset "$p7" --layers 8 \
                     --micro-batch "$mbs7" "${fast[@]}" --same-init --label qwen2_7b-8L-fast-sameinit ;;
+            7b-autocast) run_case qwen2_7b-8L-hfautocast 150 "$t0" "$py" "${bench[@]}" --preset "$p7" --layers 8 \
+                    --micro-batch "$mbs7" "${fast[@]}" --hf-precision autocast --label qwen2_7b-8L-hfautocast ;;
             ckpt) run_case checkpoint 120 "$t0" "$py" "${ckpt[@]}" ;;
             1.5b-plain) run_case qwen2_1.5b-plain 100 "$t0" "$py" "${bench[@]}" --preset "$p15" --micro-batch "$mbs15" \
                     --only ours --label qwen2_1.5b-plain ;;

@@ -29,12 +29,10 @@ from qwen2_megatron.checkpoint.location import Location, location, remove_tree
 from qwen2_megatron.checkpoint.store import CheckpointStore, checkpoint_step
 from qwen2_megatron.checkpoint.train_checkpoint import load_training, save_training
 from qwen2_megatron.checkpoint.validate import (
-    CorruptShardError,
     IncompleteCheckpointError,
     UnsafeCheckpointError,
     check_files,
-    shard_files,
-    verify_checksums,
+    verify_checksums_collectively,
 )
 from qwen2_megatron.model.shape import Qwen2Shape
 from qwen2_megatron.parallel.layout import ParallelLayout
@@ -173,14 +171,8 @@ class CheckpointManager:
         dist.broadcast_object_list(verdict, src=0)
         if verdict[0] is not None or not self.cfg.verify_checksums:
             return verdict[0]
-        start, rank, world = time.perf_counter(), dist.get_rank(), dist.get_world_size()
-        try:
-            verify_checksums(path, shard_files(path)[rank::world])
-            mine = None
-        except CorruptShardError as err:
-            mine = str(err)
-        verdicts: list[str | None] = [None] * world
-        dist.all_gather_object(verdicts, mine)
-        if self.main and not any(verdicts):
+        start = time.perf_counter()
+        problem = verify_checksums_collectively(path)
+        if self.main and problem is None:
             print(f"verified the checksums of {path} in {time.perf_counter() - start:.2f} s", flush=True)
-        return next((problem for problem in verdicts if problem), None)
+        return problem

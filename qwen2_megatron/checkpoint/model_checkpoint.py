@@ -19,6 +19,7 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing
 
 from qwen2_megatron.checkpoint.location import Location, location
+from qwen2_megatron.checkpoint.validate import CorruptShardError, verify_checksums_collectively
 from qwen2_megatron.model.shape import Qwen2Shape
 from qwen2_megatron.parallel.layout import ParallelLayout
 
@@ -122,6 +123,10 @@ def sharded_model_state_keys(num_chunks: int) -> list[str]:
 
 def load_model(chunks: list[torch.nn.Module], path: str | Path | Location, shape: Qwen2Shape) -> None:
     """Collective: load weights saved in any layout into this rank's chunks (also the weights
-    of a training checkpoint: its optimizer state is left unread)."""
+    of a training checkpoint: its optimizer state is left unread). The weights' checksums are
+    verified first, each rank reading its share of the shards."""
     check_shape(path, shape)
+    problem = verify_checksums_collectively(location(path), weights_only=True)
+    if problem is not None:
+        raise CorruptShardError(problem)
     restore_model_state(chunks, dist_checkpointing.load(sharded_model_state(chunks), str(path)))

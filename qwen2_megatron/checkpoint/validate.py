@@ -104,34 +104,62 @@ def shard_files(path: Location) -> list[str]:
     return sorted({info.relative_path for info in read_index(path).storage_data.values()})
 
 
-def verify_checksums(path: Location, files: list[str] | None = None) -> None:
-    """Raise CorruptShardError if a record of the given shard files (default: all) fails its CRC-32.
+def verify_checksums(path: Location, files: list[str] | None = None, weights_only: bool = False) -> None:
+    """Raise CorruptShardError if a record of the given shard files (default: all) fails its CRC-32;
+    weights_only: skip the optimizer's records (a load of the weights alone does not read them).
 
     torch_dist stores every item as a torch.save archive (an uncompressed zip) at an offset of a
     shard; zipfile reads each archive's directory in place, and the members are checksummed here
     in large reads (zipfile's own reader takes 3x as long).
     """
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
     wanted = set(shard_files(path) if files is None else files)
-    items: dict[str, list[tuple[int, int, str]]] = {}
-    for key, info in read_index(path).storage_data.items():
-        if info.relative_path in wanted and not info.transform_descriptors:
-            items.setdefault(info.relative_path, []).append((info.offset, info.length, key.fqn))
+    index = read_index(path)
+    items: dict[str, list[tuple[int, int, str, bool]]] = {}
+    for key, info in index.storage_data.items():
+        skipped = weights_only and key.fqn.startswith(OPTIMIZER_PREFIX)
+        if info.relative_path in wanted and not info.transform_descriptors and not skipped:
+            # byte items hold whatever was serialised; tensors are always torch.save archives
+            is_bytes = isinstance(index.state_dict_metadata.get(key.fqn), BytesStorageMetadata)
+            items.setdefault(info.relative_path, []).append((info.offset, info.length, key.fqn, is_bytes))
     buffer = memoryview(bytearray(_CHUNK))
     for name, records in sorted(items.items()):
         shard = path / name
         with shard.open("rb") as stream:
-            for offset, length, fqn in sorted(records):
+            for offset, length, fqn, is_bytes in sorted(records):
+                stream.seek(offset)
+                if is_bytes and stream.read(len(_ZIP_SIGNATURE)) != _ZIP_SIGNATURE:
+                    continue  # not an archive: nothing to check it against
                 problem = _record_problem(stream, offset, length, buffer)
                 if problem is not None:
                     raise CorruptShardError(
                         f"shard {shard} is corrupt: the record of {fqn!r} (bytes {offset}-{offset + length}) "
                         f"{problem}; its contents changed after it was written (a disk or copy error). "
-                        "Resume from an earlier checkpoint (resume=auto with checkpoint.fallback=true "
-                        "skips this one)"
+                        "Use an earlier checkpoint (on resume, checkpoint.fallback=true skips to the one "
+                        "before)"
                     )
 
 
+def verify_checksums_collectively(path: Location, weights_only: bool = False) -> str | None:
+    """Collective: every rank verifies the checksums of its share of the shard files; returns the
+    first problem any rank found (the same on every rank), or None."""
+    import torch.distributed as dist
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    try:
+        verify_checksums(path, shard_files(path)[rank::world], weights_only)
+        mine = None
+    except CorruptShardError as err:
+        mine = str(err)
+    found: list[str | None] = [None] * world
+    dist.all_gather_object(found, mine)
+    return next((problem for problem in found if problem), None)
+
+
+OPTIMIZER_PREFIX = "optimizer."  # the key prefix of every optimizer tensor in a training checkpoint
 _CHUNK = 16 << 20
+_ZIP_SIGNATURE = b"PK\x03\x04"  # of a zip file's (local) entry header
 _LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature, ..., file name length, extra field length
 
 
@@ -144,8 +172,11 @@ def _record_problem(stream: Any, offset: int, length: int, buffer: memoryview) -
         return f"is not a readable archive ({err})"
     for member in members:
         stream.seek(offset + member.header_offset)
-        signature, name_length, extra_length = _LOCAL_HEADER.unpack(stream.read(_LOCAL_HEADER.size))
-        if signature != b"PK\x03\x04" or member.compress_type != zipfile.ZIP_STORED:
+        header = stream.read(_LOCAL_HEADER.size)
+        if len(header) < _LOCAL_HEADER.size or member.compress_type != zipfile.ZIP_STORED:
+            return f"has a damaged entry {member.filename}"
+        signature, name_length, extra_length = _LOCAL_HEADER.unpack(header)
+        if signature != _ZIP_SIGNATURE:
             return f"has a damaged entry {member.filename}"
         stream.seek(name_length + extra_length, io.SEEK_CUR)
         crc, remaining = 0, member.compress_size

@@ -67,7 +67,7 @@ def run(cfg: TrainerConfig) -> list[float]:
     validate(cfg, world, use_transformer_engine())
     if under_launcher:
         return train_rank(cfg)
-    return next(r for r in spawn(train_rank, world, cfg) if r is not None)
+    return next(r for r in spawn(train_rank, world, cfg, env=cfg.launcher.env) if r is not None)
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")

@@ -14,6 +14,7 @@ which the trainer saves a checkpoint and stops.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import queue
@@ -22,7 +23,7 @@ import socket
 import threading
 import time
 import traceback
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch.multiprocessing as mp
 
@@ -39,8 +40,11 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def spawn(fn: Callable[..., Any], nprocs: int, *args: Any, timeout_s: float = 1800) -> list[Any]:
-    """Call fn(*args) on ranks 0..nprocs-1 and return their results in rank order."""
+def spawn(
+    fn: Callable[..., Any], nprocs: int, *args: Any, env: dict[str, str] | None = None, timeout_s: float = 1800
+) -> list[Any]:
+    """Call fn(*args) on ranks 0..nprocs-1 and return their results in rank order. `env` is added
+    to the ranks' environment from their start (torch reads some settings only once, at start-up)."""
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
@@ -54,8 +58,9 @@ def spawn(fn: Callable[..., Any], nprocs: int, *args: Any, timeout_s: float = 18
     finished = False
     signalled: dict[int, int] = {}
     try:
-        for proc in procs:
-            proc.start()
+        with _environment(env or {}):
+            for proc in procs:
+                proc.start()
         forwarded = _forward_signals(procs)
         deadline = time.monotonic() + timeout_s
         while len(collected) < nprocs and not error:
@@ -141,6 +146,18 @@ def _forward_signals(procs: list[Any]) -> dict[int, Any]:
     if threading.current_thread() is not threading.main_thread():
         return {}  # handlers can only be installed from the main thread
     return {sig: signal.signal(sig, forward) for sig in (signal.SIGUSR1, signal.SIGTERM)}
+
+
+@contextlib.contextmanager
+def _environment(env: dict[str, str]) -> Iterator[None]:
+    """os.environ with `env` added, restored afterwards (a spawned process copies it at start)."""
+    saved = os.environ.copy()
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 def _entry(fn: Callable[..., Any], rank: int, world: int, port: int, results: Any, args: tuple) -> None:
