@@ -59,7 +59,7 @@ def save_rank(directory: str, preset: str, layers: int, repeats: int, seq: int, 
     from qwen2_megatron.checkpoint.config import CheckpointConfig
     from qwen2_megatron.checkpoint.manager import CheckpointManager
     from qwen2_megatron.checkpoint.train_checkpoint import load_training
-    from qwen2_megatron.checkpoint.validate import shard_files, verify_checksums
+    from qwen2_megatron.checkpoint.validate import verify_checksums
     from qwen2_megatron.model.builder import build_model
     from qwen2_megatron.model.forward import forward_backward
     from qwen2_megatron.model.presets import get_preset
@@ -123,7 +123,7 @@ def save_rank(directory: str, preset: str, layers: int, repeats: int, seq: int, 
         for _ in range(repeats):
             dist.barrier()
             start = time.perf_counter()
-            verify_checksums(path, shard_files(path)[dist.get_rank()::dist.get_world_size()])
+            verify_checksums(path, share=(dist.get_rank(), dist.get_world_size()))
             dist.barrier()
             times["verify_checksums"].append(time.perf_counter() - start)
         for name, fully_parallel in (("load_every_rank_reads_all", False), ("load_reads_spread", True)):

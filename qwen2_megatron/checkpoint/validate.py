@@ -99,14 +99,10 @@ def check_files(path: Location, training: bool = True) -> None:
             )
 
 
-def shard_files(path: Location) -> list[str]:
-    """The shard files the index of a checkpoint refers to, sorted."""
-    return sorted({info.relative_path for info in read_index(path).storage_data.values()})
-
-
-def verify_checksums(path: Location, files: list[str] | None = None, weights_only: bool = False) -> None:
-    """Raise CorruptShardError if a record of the given shard files (default: all) fails its CRC-32;
-    weights_only: skip the optimizer's records (a load of the weights alone does not read them).
+def verify_checksums(path: Location, weights_only: bool = False, share: tuple[int, int] = (0, 1)) -> None:
+    """Raise CorruptShardError if a record of the checkpoint's shard files fails its CRC-32.
+    weights_only: skip the optimizer's records (a load of the weights alone does not read them);
+    share=(i, n): only the i-th of every n shard files (sorted), so that n ranks split the work.
 
     torch_dist stores every item as a torch.save archive (an uncompressed zip) at an offset of a
     shard; zipfile reads each archive's directory in place, and the members are checksummed here
@@ -114,8 +110,8 @@ def verify_checksums(path: Location, files: list[str] | None = None, weights_onl
     """
     from torch.distributed.checkpoint.metadata import BytesStorageMetadata
 
-    wanted = set(shard_files(path) if files is None else files)
     index = read_index(path)
+    wanted = set(sorted({info.relative_path for info in index.storage_data.values()})[share[0]::share[1]])
     items: dict[str, list[tuple[int, int, str, bool]]] = {}
     for key, info in index.storage_data.items():
         skipped = weights_only and key.fqn.startswith(OPTIMIZER_PREFIX)
@@ -143,14 +139,15 @@ def verify_checksums(path: Location, files: list[str] | None = None, weights_onl
 
 def verify_checksums_collectively(path: Location, weights_only: bool = False) -> str | None:
     """Collective: every rank verifies the checksums of its share of the shard files; returns the
-    first problem any rank found (the same on every rank), or None."""
+    first problem any rank found (the same on every rank), or None. A rank's failure to read is
+    a problem too, so that no rank is left waiting for the others."""
     import torch.distributed as dist
 
     rank, world = dist.get_rank(), dist.get_world_size()
     try:
-        verify_checksums(path, shard_files(path)[rank::world], weights_only)
+        verify_checksums(path, weights_only, share=(rank, world))
         mine = None
-    except CorruptShardError as err:
+    except (CorruptShardError, IncompleteCheckpointError, UnsafeCheckpointError, OSError) as err:
         mine = str(err)
     found: list[str | None] = [None] * world
     dist.all_gather_object(found, mine)
@@ -168,7 +165,7 @@ def _record_problem(stream: Any, offset: int, length: int, buffer: memoryview) -
     try:
         with zipfile.ZipFile(_Slice(stream, offset, length)) as archive:
             members = archive.infolist()
-    except (zipfile.BadZipFile, EOFError, ValueError) as err:
+    except (zipfile.BadZipFile, EOFError, ValueError, NotImplementedError) as err:
         return f"is not a readable archive ({err})"
     for member in members:
         stream.seek(offset + member.header_offset)
