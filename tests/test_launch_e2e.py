@@ -44,7 +44,8 @@ def test_two_node_torchrun_matches_single_node(
     outputs = [agent.communicate(timeout=600)[0] for agent in agents]
     for agent, out in zip(agents, outputs):
         assert agent.returncode == 0, out[-4000:]
-    printed = [line for line in outputs[0].splitlines() if line.startswith("env GLOO_SOCKET_IFNAME=qveth ")]
+    prefix = "env THP_MEM_ALLOC_ENABLE=1 GLOO_SOCKET_IFNAME=qveth "  # launcher.env: the default, then ours
+    printed = [line for line in outputs[0].splitlines() if line.startswith(prefix)]
     assert printed and f"--rdzv-endpoint={master}:29611" in printed[0] and f"--local-addr={master}" in printed[0]
     assert losses(tmp_path) == pytest.approx(reference_losses, rel=1e-6)
 
