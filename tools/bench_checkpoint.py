@@ -59,7 +59,7 @@ def save_rank(directory: str, preset: str, layers: int, repeats: int, seq: int, 
     from qwen2_megatron.checkpoint.config import CheckpointConfig
     from qwen2_megatron.checkpoint.manager import CheckpointManager
     from qwen2_megatron.checkpoint.train_checkpoint import load_training
-    from qwen2_megatron.checkpoint.validate import verify_checksums
+    from qwen2_megatron.checkpoint.validate import verify_checksums_collectively
     from qwen2_megatron.model.builder import build_model
     from qwen2_megatron.model.forward import forward_backward
     from qwen2_megatron.model.presets import get_preset
@@ -123,9 +123,10 @@ def save_rank(directory: str, preset: str, layers: int, repeats: int, seq: int, 
         for _ in range(repeats):
             dist.barrier()
             start = time.perf_counter()
-            verify_checksums(path, share=(dist.get_rank(), dist.get_world_size()))
-            dist.barrier()
+            problem = verify_checksums_collectively(path)  # what a resume runs; its all-gather waits for all
             times["verify_checksums"].append(time.perf_counter() - start)
+            if problem is not None:
+                raise RuntimeError(problem)
         for name, fully_parallel in (("load_every_rank_reads_all", False), ("load_reads_spread", True)):
             times[name], times[name + "_bytes_read"] = [], []
             for _ in range(repeats):
