@@ -20,7 +20,7 @@ from qwen2_megatron.train.config import (
     LogConfig, OptimConfig, RunConfig, StageConfig, TrainConfig, TrainerConfig, WandbConfig,
 )
 from tests.conftest import save_random_hf
-from tests.trainer_workers import train_configs
+from tests.trainer_workers import train_and_release, train_configs
 from tests.wandb_reader import read_run
 
 STEPS = 4
@@ -160,3 +160,14 @@ def test_stages_switch_sequence_length_and_evaluation_runs(runs: dict) -> None:
     assert [r["consumed_tokens"] for r in train] == [256, 512, 640, 768]
     assert [r["step"] for r in evals] == [2, 4]
     assert all(math.isfinite(r["eval_loss"]) and r["eval_perplexity"] == pytest.approx(math.exp(r["eval_loss"])) for r in evals)
+
+
+def test_a_finished_trainer_is_freed(checkpoints: dict[str, Path], tmp_path: Path) -> None:
+    """Nothing keeps a trainer, its model or its optimizer alive once it is done (a long-lived
+    process, a benchmark or a notebook running several, would otherwise keep their memory): not
+    its signal handlers, and not megatron's MoE dispatcher holding the last forward's graph,
+    which reaches DDP's gradient hooks (a cycle the garbage collector cannot see). A trainer that
+    fails to start gives the signal handlers back too."""
+    configs = [_cfg(tmp_path, checkpoints[name], name, train__steps=2) for name in ("dense", "moe")]
+    invalid = _cfg(tmp_path, checkpoints["dense"], "invalid", train__steps=1)  # warm-up 1 of 1 step
+    assert spawn(train_and_release, 1, [*configs, invalid])[0] == [[], [], ["ConfigError"]]

@@ -3,6 +3,10 @@ dominates start-up), each with its own layout; errors come back as text."""
 
 from __future__ import annotations
 
+import gc
+import signal
+import weakref
+
 from qwen2_megatron.parallel.runtime import shutdown_runtime
 from qwen2_megatron.train.config import TrainerConfig
 from qwen2_megatron.train.trainer import Trainer
@@ -18,3 +22,26 @@ def train_configs(configs: list[TrainerConfig]) -> list[list[float] | str]:
         shutdown_runtime(keep_process_group=True)
     shutdown_runtime()
     return results
+
+
+def train_and_release(configs: list[TrainerConfig]) -> list[list[str]]:
+    """Train each config, drop the trainer, collect garbage: what is still alive of it (and of a
+    trainer that failed to start, its error's name, and its SIGTERM handler if still installed)."""
+    survivors: list[list[str]] = []
+    for cfg in configs:
+        handler = signal.getsignal(signal.SIGTERM)
+        try:
+            trainer = Trainer(cfg)
+        except Exception as err:
+            kept = ["SIGTERM handler"] if signal.getsignal(signal.SIGTERM) is not handler else []
+            survivors.append([type(err).__name__, *kept])
+            continue
+        trainer.train()
+        refs = {"trainer": weakref.ref(trainer), "optimizer": weakref.ref(trainer.optimizer),
+                "model": weakref.ref(trainer.model[0].module), "ddp": weakref.ref(trainer.model[0])}
+        del trainer
+        gc.collect()
+        survivors.append(sorted(name for name, ref in refs.items() if ref() is not None))
+        shutdown_runtime(keep_process_group=True)
+    shutdown_runtime()
+    return survivors

@@ -568,9 +568,8 @@ def main(argv: list[str] | None = None) -> int:
             "params_total": counts.total, "params_active": counts.active,
             "overrides": list(args.override), "mcore": [f"{k}={v}" for k, v in args.mcore],
         }
-        # transformers first: our MoE model outlives its Trainer in this process (reachable only
-        # through its DDP's gradient hooks on autograd nodes; seen on an H200: 47.7 GB still
-        # allocated after the 57B-A14B-shape run), which would shrink the memory of a side after it.
+        # transformers first: --same-init starts ours from its initial weights. (Our MoE model used
+        # to outlive its Trainer here, 47.7 GB on an H200; Trainer.close() now frees it.)
         if args.only in (None, "hf"):
             precision = "fp32" if args.dtype == "fp32" else {"bf16": "bf16 params", "autocast": "fp32 params + bf16 autocast"}[args.hf_precision]
             record["hf_desc"] = (f"transformers {shape.architecture}, sdpa, {precision}, "

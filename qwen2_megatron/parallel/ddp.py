@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import torch
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.transformer.moe.token_dispatcher import MoETokenDispatcher
 
 
 def wrap_ddp(
@@ -81,6 +82,25 @@ def sync_params(chunks: list[DistributedDataParallel]) -> None:
     for chunk in chunks:
         if chunk.ddp_config.overlap_param_gather:
             chunk.start_param_sync(force_sync=True)
+
+
+def drop_stale_graphs(chunks: list[DistributedDataParallel]) -> None:
+    """Detach the tensors of a past forward pass that modules keep as attributes, so that the
+    model can be freed once its trainer is done.
+
+    megatron's MoE token dispatchers keep the last routing probabilities (`probs`), autograd graph
+    included. That graph reaches the parameters' gradient accumulators, which hold DDP's gradient
+    hooks, which refer to the DDP wrapper and through it to the model and the dispatcher: a cycle
+    through C++ autograd nodes that Python's garbage collector cannot see, so the model and its
+    gradient buffers would stay allocated for the life of the process.
+    """
+    for chunk in chunks:
+        for module in chunk.modules():
+            holders = [module, *(v for v in vars(module).values() if isinstance(v, MoETokenDispatcher))]
+            for holder in holders:
+                stale = {k: v for k, v in vars(holder).items() if isinstance(v, torch.Tensor) and v.grad_fn is not None}
+                for name, tensor in stale.items():
+                    setattr(holder, name, tensor.detach())
 
 
 class _NoHook:

@@ -32,7 +32,7 @@ from qwen2_megatron.model.params import training_flops_per_token
 from qwen2_megatron.model.rope import set_rope_base
 from qwen2_megatron.model.spec import use_transformer_engine
 from qwen2_megatron.model.wgrad_accumulation import enable_wgrad_accumulation_fusion
-from qwen2_megatron.parallel.ddp import sync_params, wrap_ddp
+from qwen2_megatron.parallel.ddp import drop_stale_graphs, sync_params, wrap_ddp
 from qwen2_megatron.parallel.runtime import init_runtime, process_env
 from qwen2_megatron.train.config import StageConfig, TrainerConfig, num_microbatches, validate
 from qwen2_megatron.train.metrics import MetricsLog, device_peak_tflops
@@ -58,8 +58,14 @@ class Trainer:
         # First: a preemption signal during start-up must not kill the rank; the request is
         # honoured (checkpoint, exit 0) at the first step boundary.
         self._requests = {"stop": False}
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
-            signal.signal(sig, self._request_stop)
+        self._signal_handlers = {sig: signal.signal(sig, self._request_stop) for sig in (signal.SIGUSR1, signal.SIGTERM)}
+        try:
+            self._build(cfg)
+        except BaseException:
+            self._restore_signal_handlers()  # else SIGTERM would only set a flag of this dead trainer
+            raise
+
+    def _build(self, cfg: TrainerConfig) -> None:
         validate(cfg, process_env()[1], use_transformer_engine())
         self.runtime = init_runtime(cfg.parallel, seed=cfg.train.seed)
         layout = self.runtime.layout
@@ -246,6 +252,10 @@ class Trainer:
         if state["wandb_run_id"] and self.logging_rank and not (self.run_dir / ID_FILE).exists():
             (self.run_dir / ID_FILE).write_text(state["wandb_run_id"] + "\n")
 
+    def _restore_signal_handlers(self) -> None:
+        for sig, handler in self._signal_handlers.items():
+            signal.signal(sig, handler)
+
     def _request_stop(self, signum: int, _frame: Any) -> None:
         self._requests["stop"] = True
 
@@ -328,6 +338,10 @@ class Trainer:
         return self._global_mean(values)
 
     def close(self) -> None:
+        """Release what outlives a step: files, loaders, the W&B run; the previous signal
+        handlers (the trainer's would keep it and its model alive) and stale autograd graphs."""
+        self._restore_signal_handlers()
+        drop_stale_graphs(self.model)
         self.metrics.close()
         self.loader.close()
         if self.eval_loader is not None:
