@@ -29,4 +29,5 @@ def test_two_ranks_report_save_async_load_and_checksums(tmp_path: Path) -> None:
     for label in ("checkpoint save", "raw write \\+ fsync", "training step", "async save", "step triggering save",
                   "load", "load, fully parallel", "verify checksums"):
         assert re.search(rf"^{label}\s+[-+\d.]", out, re.MULTILINE), (label, out)
+    assert re.search(r"^async save in all\s+\d+ steps ran until published", out, re.MULTILINE), out
     assert list(tmp_path.iterdir()) == []  # the benchmark's checkpoints are removed

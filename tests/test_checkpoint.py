@@ -181,9 +181,15 @@ def test_resume_falls_back_past_a_damaged_newest_checkpoint(runs: dict, tmp_path
     (losses,) = spawn(train_configs, 1, [cfg])[0]
     assert losses == pytest.approx(runs["ref"][3:], abs=RESHARD_TOL)  # resumed at step 3 again
     strict = replace(cfg, checkpoint=replace(cfg.checkpoint, fallback=False))
-    (message,) = spawn(train_configs, 1, [strict])[0]
+    no_index = tmp_path / "no_index"  # loaded as weights only: the error keeps its own class
+    shutil.copytree(store.path(3), no_index)
+    (no_index / ".metadata").unlink()
+    weights = _cfg(tmp_path, "weights", 1, ParallelLayout(), save_at_end=False)
+    weights = replace(weights, train=replace(weights.train, init_from=str(no_index)))
+    message, missing = spawn(train_configs, 1, [strict, weights])[0]
     assert isinstance(message, str) and "cannot resume from" in message
     assert f"shard {victim} is corrupt" in message and "fails its checksum" in message, message
+    assert isinstance(missing, str) and missing.startswith("IncompleteCheckpointError: ") and ".metadata" in missing, missing
 
 
 def test_retention_keeps_last_k_and_every_mth(tmp_path: Path) -> None:

@@ -7,8 +7,12 @@ Builds a Qwen2-0.5B-shaped model (--preset; fewer layers to fit a laptop) with m
 distributed optimizer on `nproc` local ranks and trains it on random tokens (on the GPU where there
 is one: --nproc 1 per GPU of the machine). Times: a training
 step; full synchronous checkpoints (model + optimizer, torch_dist, fsync'd, published
-atomically); asynchronous checkpoints (the part that blocks training, then a training step run
-while the background writer works, then the time until published); and, right after each
+atomically); asynchronous checkpoints (the part that blocks training, then training steps run,
+as the trainer's loop does, until the background writer has finished and the save is published;
+the time that took beyond as many plain steps is what a save costs training; and rank 0's minor
+page faults in the step that triggers a save against a plain step's: megatron's writer is a forked
+process, which shares the trainer's memory copy-on-write, so every page of host memory the step
+writes while the writer lives is first copied); and, right after each
 synchronous save, a plain sequential write of the same number of bytes with fsync on the same
 disk. The save's speed is given as the median of those pairs' ratios, since a disk's speed drifts
 between one pair and the next. Then loads of the last synchronous checkpoint (model + optimizer,
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import shutil
 import statistics
 import tempfile
@@ -80,19 +85,23 @@ def save_rank(directory: str, preset: str, layers: int, repeats: int, seq: int, 
         batch = {"tokens": tokens[:, :-1], "labels": tokens[:, 1:], "loss_mask": torch.ones(1, seq)}
         batch = {key: value.to(runtime.device) for key, value in batch.items()}  # a GPU with --nproc 1
 
+        faults: list[int] = []  # minor page faults of each step (copy-on-write ones included)
+
         def train_step() -> float:
             dist.barrier()
-            start = time.perf_counter()
+            start, before = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             for chunk in chunks:
                 chunk.zero_grad_buffer()
             optimizer.zero_grad()
             forward_backward(chunks, [batch] * micro_batches)
             optimizer.step()
             dist.barrier()
+            faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
             return time.perf_counter() - start
 
         train_step()  # Adam's state exists from here on
         times: dict[str, list[float]] = {"step": [train_step() for _ in range(repeats)]}
+        times["step_faults"] = faults[-repeats:]
         models = [c.module for c in chunks]
         sync = CheckpointManager(CheckpointConfig(dir=f"{directory}/sync", keep_last=1), shape, runtime.layout, precision)
         times["sync_save"], times["raw_write"], times["bytes"] = [], [], []
@@ -109,16 +118,24 @@ def save_rank(directory: str, preset: str, layers: int, repeats: int, seq: int, 
         background = CheckpointManager(
             CheckpointConfig(dir=f"{directory}/async", keep_last=1, async_save=True), shape, runtime.layout, precision
         )
-        for key in ("async_blocking", "step_while_writing", "async_total"):
+        for key in ("async_blocking", "step_while_writing", "async_total", "steps_while_writing", "async_cost"):
             times[key] = []
         for step in range(1, repeats + 1):
             dist.barrier()
             start = time.perf_counter()
             background.save(step, models, optimizer, {"step": step})
             times["async_blocking"].append(time.perf_counter() - start)
-            times["step_while_writing"].append(train_step())
-            background.wait()
+            steps = [train_step()]  # training goes on, as the trainer's loop does, until published
+            times.setdefault("step_while_writing_faults", []).append(faults[-1])
+            background.poll()
+            while background.writing:
+                steps.append(train_step())
+                background.poll()
+            times["step_while_writing"].append(steps[0])
             times["async_total"].append(time.perf_counter() - start)
+            times["steps_while_writing"].append(len(steps))
+            # what the save cost training in all: the time until published beyond as many plain steps
+            times["async_cost"].append(times["async_total"][-1] - len(steps) * min(times["step"]))
         times["verify_checksums"] = []
         for _ in range(repeats):
             dist.barrier()
@@ -126,7 +143,7 @@ def save_rank(directory: str, preset: str, layers: int, repeats: int, seq: int, 
             problem = verify_checksums_collectively(path)  # what a resume runs; its all-gather waits for all
             times["verify_checksums"].append(time.perf_counter() - start)
             if problem is not None:
-                raise RuntimeError(problem)
+                raise problem
         for name, fully_parallel in (("load_every_rank_reads_all", False), ("load_reads_spread", True)):
             times[name], times[name + "_bytes_read"] = [], []
             for _ in range(repeats):
@@ -181,7 +198,12 @@ def main() -> None:
               f"seq {args.seq}, {threads})")
         print(f"async save            {best['async_blocking']:.2f} s blocking, then a step of "
               f"{best['step_while_writing']:.2f} s while writing; published after {best['async_total']:.2f} s")
-        print(f"step triggering save  {100 * slowed:+.1f}% vs a plain step (async)")
+        print(f"step triggering save  {100 * slowed:+.1f}% vs a plain step (async); rank 0's page faults in "
+              f"it: {statistics.median(times['step_while_writing_faults']):,.0f} against "
+              f"{statistics.median(times['step_faults']):,.0f} in a plain step (medians)")
+        cost = statistics.median(times["async_cost"])
+        print(f"async save in all     {statistics.median(times['steps_while_writing']):.0f} steps ran until published "
+              f"(median), {cost:.2f} s more than plain steps = {cost / best['step']:.2f} steps lost per save")
         for name, label in (("load_every_rank_reads_all", "load"), ("load_reads_spread", "load, fully parallel")):
             print(f"{label:<22}{best[name]:.2f} s, {best[name + '_bytes_read'] / 2**30:.2f} GiB read by rank 0")
         print(f"verify checksums      {best['verify_checksums']:.2f} s (before a resume's load; "

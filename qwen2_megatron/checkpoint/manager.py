@@ -82,9 +82,14 @@ class CheckpointManager:
                 )
         return self.store.path(step)
 
+    @property
+    def writing(self) -> bool:
+        """A background save is in flight (the same on every rank: `poll` finishes saves together)."""
+        return self._queue is not None and self._queue.get_num_unfinalized_calls() > 0
+
     def poll(self) -> None:
         """Collective (when a save is in flight): publish a background save that has finished."""
-        if self._queue is not None and self._queue.get_num_unfinalized_calls():
+        if self.writing:
             self._queue.maybe_finalize_async_calls(blocking=False)
 
     def wait(self) -> None:
@@ -94,7 +99,7 @@ class CheckpointManager:
         self._finish_deleting()
 
     def _finish_writing(self) -> None:
-        if self._queue is not None and self._queue.get_num_unfinalized_calls():
+        if self.writing:
             self._queue.maybe_finalize_async_calls(blocking=True)
 
     def abort(self) -> None:
@@ -173,6 +178,8 @@ class CheckpointManager:
             return verdict[0]
         start = time.perf_counter()
         problem = verify_checksums_collectively(path)
-        if self.main and problem is None:
+        if problem is not None:
+            return str(problem)
+        if self.main:
             print(f"verified the checksums of {path} in {time.perf_counter() - start:.2f} s", flush=True)
-        return problem
+        return None

@@ -19,7 +19,7 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing
 
 from qwen2_megatron.checkpoint.location import Location, location
-from qwen2_megatron.checkpoint.validate import CorruptShardError, verify_checksums_collectively
+from qwen2_megatron.checkpoint.validate import verify_checksums_collectively
 from qwen2_megatron.model.shape import Qwen2Shape
 from qwen2_megatron.parallel.layout import ParallelLayout
 
@@ -128,5 +128,5 @@ def load_model(chunks: list[torch.nn.Module], path: str | Path | Location, shape
     check_shape(path, shape)
     problem = verify_checksums_collectively(location(path), weights_only=True)
     if problem is not None:
-        raise CorruptShardError(problem)
+        raise problem
     restore_model_state(chunks, dist_checkpointing.load(sharded_model_state(chunks), str(path)))

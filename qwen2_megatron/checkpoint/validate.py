@@ -137,10 +137,10 @@ def verify_checksums(path: Location, weights_only: bool = False, share: tuple[in
                     )
 
 
-def verify_checksums_collectively(path: Location, weights_only: bool = False) -> str | None:
+def verify_checksums_collectively(path: Location, weights_only: bool = False) -> Exception | None:
     """Collective: every rank verifies the checksums of its share of the shard files; returns the
-    first problem any rank found (the same on every rank), or None. A rank's failure to read is
-    a problem too, so that no rank is left waiting for the others."""
+    first problem any rank found, as the error it raised there (the same on every rank), or None.
+    A rank's failure to read is a problem too, so that no rank is left waiting for the others."""
     import torch.distributed as dist
 
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -148,10 +148,10 @@ def verify_checksums_collectively(path: Location, weights_only: bool = False) ->
         verify_checksums(path, weights_only, share=(rank, world))
         mine = None
     except (CorruptShardError, IncompleteCheckpointError, UnsafeCheckpointError, OSError) as err:
-        mine = str(err)
-    found: list[str | None] = [None] * world
+        mine = err
+    found: list[Exception | None] = [None] * world
     dist.all_gather_object(found, mine)
-    return next((problem for problem in found if problem), None)
+    return next((problem for problem in found if problem is not None), None)
 
 
 OPTIMIZER_PREFIX = "optimizer."  # the key prefix of every optimizer tensor in a training checkpoint
