@@ -118,7 +118,8 @@ def save_rank(directory: str, preset: str, layers: int, repeats: int, seq: int, 
         background = CheckpointManager(
             CheckpointConfig(dir=f"{directory}/async", keep_last=1, async_save=True), shape, runtime.layout, precision
         )
-        for key in ("async_blocking", "step_while_writing", "async_total", "steps_while_writing", "async_cost"):
+        for key in ("async_blocking", "step_while_writing", "step_while_writing_faults", "async_total",
+                    "steps_while_writing", "async_cost"):
             times[key] = []
         for step in range(1, repeats + 1):
             dist.barrier()
@@ -126,7 +127,7 @@ def save_rank(directory: str, preset: str, layers: int, repeats: int, seq: int, 
             background.save(step, models, optimizer, {"step": step})
             times["async_blocking"].append(time.perf_counter() - start)
             steps = [train_step()]  # training goes on, as the trainer's loop does, until published
-            times.setdefault("step_while_writing_faults", []).append(faults[-1])
+            times["step_while_writing_faults"].append(faults[-1])
             background.poll()
             while background.writing:
                 steps.append(train_step())
