@@ -18,12 +18,12 @@ TOOL = REPO / "tools" / "bench_checkpoint.py"
 def test_two_ranks_report_save_async_load_and_checksums(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, str(TOOL), "--preset", "tiny", "--layers", "1", "--nproc", "2", "--repeats", "2",
-         "--seq", "32", "--dir", str(tmp_path)],
+         "--seq", "32", "--write-threads", "2", "--dir", str(tmp_path)],
         capture_output=True, text=True, timeout=900, cwd=REPO,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = proc.stdout
-    size = re.search(r"checkpoint size\s+([\d.]+) GiB \(1-layer tiny shape, model \+ Adam, 2 ranks\)", out)
+    size = re.search(r"checkpoint size\s+([\d.]+) GiB \(1-layer tiny shape, model \+ Adam, 2 ranks, 2 files per rank written in parallel\)", out)
     assert size and float(size.group(1)) > 0, out
     assert re.search(r"ratio\s+[\d.]+x of the raw write speed \(median of the 2 save/raw pairs", out), out
     for label in ("checkpoint save", "raw write \\+ fsync", "training step", "async save", "step triggering save",

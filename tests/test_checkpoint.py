@@ -27,7 +27,7 @@ from qwen2_megatron.parallel.layout import ParallelLayout
 from qwen2_megatron.parallel.local_launch import spawn
 from qwen2_megatron.train.config import LogConfig, OptimConfig, RunConfig, TrainConfig, TrainerConfig
 from tests.conftest import flip_a_weight_byte
-from tests.trainer_workers import train_configs
+from tests.trainer_workers import train_and_list_helpers, train_configs
 
 RESHARD_TOL = 1e-4
 _DENSE = replace(get_preset("tiny"), hidden_size=64, intermediate_size=128)
@@ -204,6 +204,16 @@ def test_retention_keeps_last_k_and_every_mth(tmp_path: Path) -> None:
     assert [p.name for p in store.listing().complete] == ["step_00000004", "step_00000008", "step_00000009", "step_00000010"]
     assert not store.listing().incomplete
     assert store.latest().name == "step_00000010"
+
+
+def test_saving_starts_no_program_of_its_own(tmp_path: Path) -> None:
+    """megatron-core serves its shard writers' results queue from a helper process, started at the
+    first save with 'spawn' unless the manager forked it first: a spawned helper imports the whole
+    program again (9 s of the first save here) and keeps it loaded beside every rank."""
+    cfg = _cfg(tmp_path, "run", 1, ParallelLayout())  # saves at the end
+    forked = spawn(train_and_list_helpers, 1, [cfg])[0]
+    assert (tmp_path / "run" / "checkpoints" / "step_00000001").is_dir()
+    assert forked and all(forked), forked  # the helper exists, and is a fork of the rank
 
 
 def test_package_versions_of_a_source_tree() -> None:

@@ -30,6 +30,7 @@ def _cfg(**sections) -> TrainerConfig:
         ({"train": {"recompute": "some"}}, 2, "train.recompute='some'"),
         ({"train": {"on_nonfinite": "ignore"}}, 2, "train.on_nonfinite='ignore'"),
         ({"train": {"steps": 0}}, 2, "train.steps=0 must be >= 1"),
+        ({"checkpoint": {"write_threads": 0}}, 2, "checkpoint.write_threads=0 must be >= 1"),
         ({"train": {"global_batch_size": 6}}, 2, "global_batch_size=6 is not a multiple of micro_batch_size x data-parallel size = 2 x 2 = 4; use 4"),
         ({"optim": {"lr": 1e-3, "min_lr": 1e-2}}, 2, "need 0 <= min_lr <= lr"),
         ({"optim": {"warmup_steps": 300}}, 2, "optim.warmup_steps=300 must be in [0, decay steps=300)"),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import gc
 import signal
 import weakref
+from pathlib import Path
 
 from qwen2_megatron.parallel.runtime import shutdown_runtime
 from qwen2_megatron.train.config import TrainerConfig
@@ -45,3 +46,16 @@ def train_and_release(configs: list[TrainerConfig]) -> list[list[str]]:
         shutdown_runtime(keep_process_group=True)
     shutdown_runtime()
     return survivors
+
+
+def train_and_list_helpers(configs: list[TrainerConfig]) -> list[bool]:
+    """Train each config, then tell for every child process of this rank whether it runs this
+    rank's own command line (forked from it) rather than one of its own (spawned: a fresh
+    interpreter that imports the whole program again)."""
+    for cfg in configs:
+        Trainer(cfg).train()
+        shutdown_runtime(keep_process_group=True)
+    shutdown_runtime()
+    mine = Path("/proc/self/cmdline").read_bytes()
+    children = [pid for task in Path("/proc/self/task").iterdir() for pid in (task / "children").read_text().split()]
+    return [Path(f"/proc/{pid}/cmdline").read_bytes() == mine for pid in children]

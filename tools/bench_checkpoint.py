@@ -1,7 +1,7 @@
 """Checkpoint save throughput versus the raw write speed of the same disk, and what an
 asynchronous save costs the training step that triggers it.
 
-    python tools/bench_checkpoint.py [--dir /path/on/the/storage] [--layers 8] [--nproc 2]
+    python tools/bench_checkpoint.py [--dir /path/on/the/storage] [--layers 8] [--nproc 2] [--write-threads 4]
 
 Builds a Qwen2-0.5B-shaped model (--preset; fewer layers to fit a laptop) with megatron DDP and the
 distributed optimizer on `nproc` local ranks and trains it on random tokens (on the GPU where there
@@ -34,6 +34,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from qwen2_megatron.checkpoint.config import CheckpointConfig
+
 def raw_write(path: Path, nbytes: int) -> float:
     """Seconds for one sequential write of nbytes (8 MiB blocks) followed by fsync."""
     block = os.urandom(8 << 20)
@@ -57,11 +59,10 @@ def _bytes_read() -> int:
 
 
 def save_rank(directory: str, preset: str, layers: int, repeats: int, seq: int, threads: int, precision: str,
-              micro_batches: int) -> dict[str, list[float]]:
+              micro_batches: int, write_threads: int, warmup: int) -> dict[str, list[float]]:
     import torch
     import torch.distributed as dist
 
-    from qwen2_megatron.checkpoint.config import CheckpointConfig
     from qwen2_megatron.checkpoint.manager import CheckpointManager
     from qwen2_megatron.checkpoint.train_checkpoint import load_training
     from qwen2_megatron.checkpoint.validate import verify_checksums_collectively
@@ -79,6 +80,15 @@ def save_rank(directory: str, preset: str, layers: int, repeats: int, seq: int, 
     shape = replace(get_preset(preset), num_hidden_layers=layers)
     runtime = init_runtime(ParallelLayout())
     try:
+        # before the model, as the trainer does (a manager forks megatron's results-queue helper)
+        sync, background = (
+            CheckpointManager(
+                CheckpointConfig(dir=f"{directory}/{name}", keep_last=1, async_save=name == "async",
+                                 write_threads=write_threads),
+                shape, runtime.layout, precision,
+            )
+            for name in ("sync", "async")
+        )
         chunks = wrap_ddp(build_model(shape, runtime.layout, precision), use_distributed_optimizer=True)
         optimizer = build_optimizer(OptimConfig(), precision, chunks)
         tokens = torch.randint(0, shape.vocab_size, (1, seq + 1), generator=torch.Generator().manual_seed(0))
@@ -99,11 +109,11 @@ def save_rank(directory: str, preset: str, layers: int, repeats: int, seq: int, 
             faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
             return time.perf_counter() - start
 
-        train_step()  # Adam's state exists from here on
+        for _ in range(warmup):  # Adam's state exists from here on (and a GPU has warmed up)
+            train_step()
         times: dict[str, list[float]] = {"step": [train_step() for _ in range(repeats)]}
         times["step_faults"] = faults[-repeats:]
         models = [c.module for c in chunks]
-        sync = CheckpointManager(CheckpointConfig(dir=f"{directory}/sync", keep_last=1), shape, runtime.layout, precision)
         times["sync_save"], times["raw_write"], times["bytes"] = [], [], []
         for step in range(1, repeats + 1):
             dist.barrier()
@@ -115,9 +125,6 @@ def save_rank(directory: str, preset: str, layers: int, repeats: int, seq: int, 
                 times["bytes"].append(sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file()))
                 times["raw_write"].append(raw_write(Path(directory) / "raw.bin", times["bytes"][-1]))
             dist.barrier()
-        background = CheckpointManager(
-            CheckpointConfig(dir=f"{directory}/async", keep_last=1, async_save=True), shape, runtime.layout, precision
-        )
         for key in ("async_blocking", "step_while_writing", "step_while_writing_faults", "async_total",
                     "steps_while_writing", "async_cost"):
             times[key] = []
@@ -174,7 +181,12 @@ def main() -> None:
         help="CPU threads per rank for training (0: torch's default, all cores); fewer leave cores to the "
         "background writer, as a GPU node does",
     )
+    parser.add_argument("--write-threads", type=int, default=CheckpointConfig.write_threads,
+                        help="files each rank writes in parallel (checkpoint.write_threads)")
+    parser.add_argument("--warmup", type=int, default=1, help="training steps before the timed ones (1 or more)")
     args = parser.parse_args()
+    if args.warmup < 1 or args.write_threads < 1:
+        parser.error("--warmup and --write-threads must be >= 1")
     from qwen2_megatron.launch.config import LauncherConfig
     from qwen2_megatron.parallel.local_launch import spawn
 
@@ -182,14 +194,15 @@ def main() -> None:
     try:
         times = spawn(
             save_rank, args.nproc, str(work / "ckpt"), args.preset, args.layers, args.repeats, args.seq, args.threads,
-            args.precision, args.micro_batches, env=LauncherConfig().env,  # the trainer's rank environment
+            args.precision, args.micro_batches, args.write_threads, args.warmup, env=LauncherConfig().env,  # the trainer's rank environment
         )[0]
         best = {key: min(values) for key, values in times.items()}
         nbytes, raw_s, save_s = best["bytes"], best["raw_write"], best["sync_save"]
         ratios = sorted(raw / save for raw, save in zip(times["raw_write"], times["sync_save"]))
         slowed = (best["async_blocking"] + best["step_while_writing"]) / best["step"] - 1
         print(f"checkpoint size       {nbytes / 2**30:.2f} GiB ({args.layers}-layer {args.preset} shape, "
-              f"model + Adam, {args.nproc} ranks); best of {args.repeats} for every time")
+              f"model + Adam, {args.nproc} ranks, {args.write_threads} files per rank written in parallel); "
+              f"best of {args.repeats} for every time")
         print(f"checkpoint save       {save_s:.2f} s  -> {nbytes / save_s / 1e9:.2f} GB/s")
         print(f"raw write + fsync     {raw_s:.2f} s  -> {nbytes / raw_s / 1e9:.2f} GB/s")
         print(f"ratio                 {statistics.median(ratios):.2f}x of the raw write speed (median of the "

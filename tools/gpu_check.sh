@@ -18,13 +18,13 @@
 # MBS_05B / MBS_15B / MBS_7B / MOE_LAYERS (default by GPU memory, see below), FAST (the overrides
 # of "ours" beside hf in the 1.5b, 7b and 0.5b cases; default compiled layers + compiled fused LM loss),
 # CASES (default "parity 7b 1.5b ckpt 7b-sameinit 7b-autocast moe 0.5b", run in order while the
-# budget lasts; also 7b-fusion, 7b-liger, 7b-liger-fusion, 1.5b-fusion, 1.5b-plain, 1.5b-liger):
+# budget lasts; also 7b-fusion, 7b-liger, 7b-liger-fusion, 1.5b-fusion, 1.5b-plain, 1.5b-liger, ckpt-1thread):
 # 1.5b-plain and 1.5b-liger train ours alone on the plain path, or with the Liger kernels + fused
 # LM loss; moe is hf beside ours with the fused LM loss and grouped-GEMM experts; 1.5b-fusion and
 # 7b-fusion train ours alone with FAST + train.grad_accum_fusion; 7b-liger and 7b-liger-fusion
 # train ours alone with the Liger kernels + fused LM loss, without and with
 # train.grad_accum_fusion; ckpt is tools/bench_checkpoint.py
-# with one rank on the GPU; 7b-sameinit starts ours from transformers' initial weights so that
+# with one rank on the GPU (ckpt-1thread: one file written at a time instead of checkpoint.write_threads); 7b-sameinit starts ours from transformers' initial weights so that
 # the two sides' bf16 losses in bench.jsonl compare step by step; 7b-autocast is hf with fp32
 # master weights under bf16 autocast, the numerics ours has, instead of pure bf16).
 # GPU_CHECK_CPU_SMOKE=1 runs the same plumbing on CPU with tiny models and 64-token sequences (to
@@ -114,7 +114,7 @@ EOF
     local bench=(tools/bench_throughput.py --seq 4096 --warmup "$WARMUP" --steps "$STEPS" --json-out "$OUT/bench.jsonl")
     local parity=(tools/gpu_parity.py --json-out "$OUT/parity.json")
     # checkpoint save / async save / load timings with one training rank on the GPU, on this disk
-    local ckpt=(tools/bench_checkpoint.py --nproc 1 --seq 4096 --micro-batches 8 --precision bf16 --layers 8 --repeats 2 --dir /tmp)
+    local ckpt=(tools/bench_checkpoint.py --nproc 1 --seq 4096 --micro-batches 8 --precision bf16 --layers 8 --repeats 3 --warmup 3 --dir /tmp)
     local p05=qwen2_0.5b p15=qwen2_1.5b p7=qwen2_7b pmoe=qwen2_57b_a14b
     if [ "$SMOKE" = 1 ]; then
         bench=(tools/bench_throughput.py --device cpu --seq 64 --warmup 0 --steps 1 --json-out "$OUT/bench.jsonl")
@@ -144,6 +144,7 @@ EOF
             7b-autocast) run_case qwen2_7b-8L-hfautocast 150 "$t0" "$py" "${bench[@]}" --preset "$p7" --layers 8 \
                     --micro-batch "$mbs7" "${fast[@]}" --hf-precision autocast --label qwen2_7b-8L-hfautocast ;;
             ckpt) run_case checkpoint 120 "$t0" "$py" "${ckpt[@]}" ;;
+            ckpt-1thread) run_case checkpoint-1thread 120 "$t0" "$py" "${ckpt[@]}" --write-threads 1 ;;
             1.5b-plain) run_case qwen2_1.5b-plain 100 "$t0" "$py" "${bench[@]}" --preset "$p15" --micro-batch "$mbs15" \
                     --only ours --label qwen2_1.5b-plain ;;
             1.5b-liger) run_case qwen2_1.5b-liger 100 "$t0" "$py" "${bench[@]}" --preset "$p15" --micro-batch "$mbs15" \
@@ -188,7 +189,7 @@ run_case() {
     timeout -k 10 "$limit" "$@"
     rc=$?
     echo "=== $name: exit $rc after $(( $(date +%s) - now ))s"
-    if [ "$name" != parity ] && [ "$name" != checkpoint ] && [ "$(cat "$OUT/bench.jsonl" 2>/dev/null | wc -l)" -eq "$before" ]; then
+    if [ "$name" != parity ] && [ "${name#checkpoint}" = "$name" ] && [ "$(cat "$OUT/bench.jsonl" 2>/dev/null | wc -l)" -eq "$before" ]; then
         if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
             echo "{\"case\": \"$name\", \"timed_out_s\": $limit}" >> "$OUT/bench.jsonl"
         else

@@ -16,6 +16,9 @@ class CheckpointConfig:
     keep_every: int = 0  # also keep every checkpoint whose step is a multiple of this; 0 = none
     save_at_end: bool = True
     async_save: bool = False  # write shards in a background process while training goes on
+    # files each rank writes in parallel threads (torch.save and the writes release the GIL); a
+    # disk or a parallel file system takes several streams faster than one (README, Checkpoints)
+    write_threads: int = 4
     # resume: data-parallel ranks read disjoint parts of the weights and exchange them, so shared
     # storage serves each byte once per replica group instead of once per DP rank (slower on one
     # node's local disk, where the exchange costs more than the reads: README, Checkpoints)

@@ -26,6 +26,7 @@ from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQu
 
 from qwen2_megatron.checkpoint.config import CheckpointConfig
 from qwen2_megatron.checkpoint.location import Location, location, remove_tree
+from qwen2_megatron.checkpoint.model_checkpoint import start_write_results_server
 from qwen2_megatron.checkpoint.store import CheckpointStore, checkpoint_step
 from qwen2_megatron.checkpoint.train_checkpoint import load_training, save_training
 from qwen2_megatron.checkpoint.validate import (
@@ -51,6 +52,7 @@ class CheckpointManager:
         self.main = dist.get_rank() == 0
         self._queue = AsyncCallsQueue() if cfg.async_save else None
         self._deleting: threading.Thread | None = None
+        start_write_results_server()  # before the trainer builds the model: it forks
 
     def due(self, step: int, last: bool) -> bool:
         return bool(self.cfg.interval and step % self.cfg.interval == 0) or (last and self.cfg.save_at_end)
@@ -66,7 +68,8 @@ class CheckpointManager:
         dist.barrier()
         asynchronous = self._queue is not None
         request = save_training(
-            partial_dir, chunks, optimizer, self.shape, self.layout, self.precision, train_state, asynchronous
+            partial_dir, chunks, optimizer, self.shape, self.layout, self.precision, train_state, asynchronous,
+            self.cfg.write_threads,
         )
         publish = partial(self._publish, step, start)
         if request is None:

@@ -61,10 +61,11 @@ def _sharded_state(chunks: list[torch.nn.Module], optimizer: Any, is_loading: bo
     return state
 
 
-def _save_strategy() -> FullyParallelSaveStrategyWrapper:
-    """torch_dist, with the writing of what data-parallel ranks hold alike spread over them."""
+def _save_strategy(threads: int) -> FullyParallelSaveStrategyWrapper:
+    """torch_dist, each rank writing `threads` files in parallel, with the writing of what
+    data-parallel ranks hold alike spread over them."""
     group = parallel_state.get_data_parallel_group(with_context_parallel=True)
-    return FullyParallelSaveStrategyWrapper(TorchDistSaveShardedStrategy(), group)
+    return FullyParallelSaveStrategyWrapper(TorchDistSaveShardedStrategy(thread_count=threads), group)
 
 
 def _load_strategy(fully_parallel: bool) -> TorchDistLoadShardedStrategy | FullyParallelLoadStrategyWrapper:
@@ -85,20 +86,22 @@ def save_training(
     precision: str,
     train_state: dict[str, Any],
     asynchronous: bool = False,
+    threads: int = 1,
 ) -> AsyncRequest | None:
     """Collective. Writes into `path` (a partial directory); train_state.json is written last.
 
     With `asynchronous`, the shards are written by megatron-core's background writer and the
     returned request must be scheduled on an AsyncCallsQueue; its finalisation writes the
     description files. Everything describing the step (train state, Adam's step, RNG) is
-    captured now, so training may go on while the shards are written.
+    captured now, so training may go on while the shards are written. `threads`: files each rank
+    writes in parallel (checkpoint.write_threads).
     """
     state = {**train_state, "adam_step": _adam_step(optimizer), "world_size": dist.get_world_size()}
     describe = partial(_write_description, path, shape, layout, precision, state)
     request = dist_checkpointing.save(
         _sharded_state(chunks, optimizer, is_loading=False),
         str(path),
-        sharded_strategy=_save_strategy(),
+        sharded_strategy=_save_strategy(threads),
         async_sharded_save=asynchronous,
         async_strategy=ASYNC_STRATEGY,
     )

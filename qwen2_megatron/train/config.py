@@ -179,7 +179,7 @@ def validate(cfg: TrainerConfig, world_size: int, have_te: bool = False) -> Para
     t, o = cfg.train, cfg.optim
     for key in ("train.steps", "train.global_batch_size", "train.micro_batch_size", "train.seq_length",
                 "log.interval", "train.max_consecutive_skips", "train.eval_steps", "checkpoint.keep_last",
-                "train.fused_lm_loss_chunk"):
+                "checkpoint.write_threads", "train.fused_lm_loss_chunk"):
         if _get(cfg, key) < 1:
             raise ConfigError(f"{key}={_get(cfg, key)} must be >= 1")
     if t.fused_lm_loss_compile and not t.fused_lm_loss:

@@ -75,6 +75,8 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
         dist.barrier()
+        # before the model exists: the manager forks a helper process (see CheckpointManager)
+        self.checkpoints = CheckpointManager(cfg.checkpoint, cfg.model, layout, _param_precision(cfg))
 
         fp8 = {"fp8": "hybrid"} if cfg.train.precision == "fp8" else {}
         if cfg.train.grad_accum_fusion:
@@ -110,7 +112,6 @@ class Trainer:
         self.consumed_tokens = 0
         self.skipped_steps = 0
         self.consecutive_skips = 0
-        self.checkpoints = CheckpointManager(cfg.checkpoint, cfg.model, layout, _param_precision(cfg))
         resumed = self.checkpoints.resume(chunks, self.optimizer)
         if resumed is not None:
             self._restore(resumed)
