@@ -36,6 +36,7 @@ from pathlib import Path
 
 from qwen2_megatron.checkpoint.config import CheckpointConfig
 
+
 def raw_write(path: Path, nbytes: int) -> float:
     """Seconds for one sequential write of nbytes (8 MiB blocks) followed by fsync."""
     block = os.urandom(8 << 20)
@@ -194,7 +195,8 @@ def main() -> None:
     try:
         times = spawn(
             save_rank, args.nproc, str(work / "ckpt"), args.preset, args.layers, args.repeats, args.seq, args.threads,
-            args.precision, args.micro_batches, args.write_threads, args.warmup, env=LauncherConfig().env,  # the trainer's rank environment
+            args.precision, args.micro_batches, args.write_threads, args.warmup,
+            env=LauncherConfig().env,  # the trainer's rank environment
         )[0]
         best = {key: min(values) for key, values in times.items()}
         nbytes, raw_s, save_s = best["bytes"], best["raw_write"], best["sync_save"]
