@@ -23,7 +23,10 @@ def test_two_ranks_report_save_async_load_and_checksums(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = proc.stdout
-    size = re.search(r"checkpoint size\s+([\d.]+) GiB \(1-layer tiny shape, model \+ Adam, 2 ranks, 2 files per rank written in parallel\)", out)
+    size = re.search(
+        r"checkpoint size\s+([\d.]+) GiB \(1-layer tiny shape, model \+ Adam, 2 ranks, 2 files per rank written in parallel\)",
+        out,
+    )
     assert size and float(size.group(1)) > 0, out
     assert re.search(r"ratio\s+[\d.]+x of the raw write speed \(median of the 2 save/raw pairs", out), out
     for label in ("checkpoint save", "raw write \\+ fsync", "training step", "async save", "step triggering save",

@@ -18,15 +18,17 @@
 # MBS_05B / MBS_15B / MBS_7B / MOE_LAYERS (default by GPU memory, see below), FAST (the overrides
 # of "ours" beside hf in the 1.5b, 7b and 0.5b cases; default compiled layers + compiled fused LM loss),
 # CASES (default "parity 7b 1.5b ckpt 7b-sameinit 7b-autocast moe 0.5b", run in order while the
-# budget lasts; also 7b-fusion, 7b-liger, 7b-liger-fusion, 1.5b-fusion, 1.5b-plain, 1.5b-liger, ckpt-1thread):
+# budget lasts; also 7b-fusion, 7b-liger, 7b-liger-fusion, 1.5b-fusion, 1.5b-plain, 1.5b-liger,
+# ckpt-1thread):
 # 1.5b-plain and 1.5b-liger train ours alone on the plain path, or with the Liger kernels + fused
 # LM loss; moe is hf beside ours with the fused LM loss and grouped-GEMM experts; 1.5b-fusion and
 # 7b-fusion train ours alone with FAST + train.grad_accum_fusion; 7b-liger and 7b-liger-fusion
 # train ours alone with the Liger kernels + fused LM loss, without and with
-# train.grad_accum_fusion; ckpt is tools/bench_checkpoint.py
-# with one rank on the GPU (ckpt-1thread: one file written at a time instead of checkpoint.write_threads); 7b-sameinit starts ours from transformers' initial weights so that
-# the two sides' bf16 losses in bench.jsonl compare step by step; 7b-autocast is hf with fp32
-# master weights under bf16 autocast, the numerics ours has, instead of pure bf16).
+# train.grad_accum_fusion; ckpt is tools/bench_checkpoint.py with one rank on the GPU
+# (ckpt-1thread: one file written at a time instead of checkpoint.write_threads); 7b-sameinit
+# starts ours from transformers' initial weights so that the two sides' bf16 losses in bench.jsonl
+# compare step by step; 7b-autocast is hf with fp32 master weights under bf16 autocast, the
+# numerics ours has, instead of pure bf16).
 # GPU_CHECK_CPU_SMOKE=1 runs the same plumbing on CPU with tiny models and 64-token sequences (to
 # test this script without a GPU; the numbers mean nothing). Results so far: tools/GPU_RESULTS.md.
 set -uo pipefail

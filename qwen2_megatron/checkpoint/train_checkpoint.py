@@ -85,8 +85,8 @@ def save_training(
     layout: ParallelLayout,
     precision: str,
     train_state: dict[str, Any],
-    asynchronous: bool = False,
-    threads: int = 1,
+    asynchronous: bool,
+    threads: int,
 ) -> AsyncRequest | None:
     """Collective. Writes into `path` (a partial directory); train_state.json is written last.
 
