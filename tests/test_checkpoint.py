@@ -36,13 +36,17 @@ _MOE = replace(get_preset("tiny_moe"), hidden_size=64, intermediate_size=128, mo
 
 
 def _cfg(
-    root: Path, run: str, steps: int, layout: ParallelLayout, moe: bool = False, precision: str = "fp32", **ckpt
+    root: Path, run: str, steps: int, layout: ParallelLayout, moe: bool = False, precision: str = "fp32",
+    pure_bf16: bool = False, **ckpt
 ) -> TrainerConfig:
+    """pure_bf16: bf16 without master weights (megatron's FP32Optimizer on the bf16 weights)."""
     return TrainerConfig(
         model=_MOE if moe else _DENSE,
         parallel=layout,
-        train=TrainConfig(steps=steps, global_batch_size=4, micro_batch_size=2, seq_length=64, precision=precision),
-        optim=OptimConfig(lr=2e-3, warmup_steps=1, decay_steps=6),  # same schedule for 3 and 6 steps
+        train=TrainConfig(steps=steps, global_batch_size=4, micro_batch_size=2, seq_length=64,
+                          precision="bf16" if pure_bf16 else precision),
+        optim=OptimConfig(lr=2e-3, warmup_steps=1, decay_steps=6,  # same schedule for 3 and 6 steps
+                          distributed_optimizer=not pure_bf16, fp32_master_weights=not pure_bf16),
         data=demo_mixture(num_workers=0),
         log=LogConfig(interval=1, progress_bar=False),
         run=RunConfig(dir=str(root / run), name=run),
@@ -70,16 +74,22 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
         # background saves every step (each waits for the one before), then resumed
         "async_first": _cfg(root, "async", 3, dp2, interval=1, async_save=True),
         "async_resumed": _cfg(root, "async", 6, dp2, interval=2, async_save=True),
+        "ref_pure": _cfg(root, "ref_pure", 6, dp2, pure_bf16=True, save_at_end=False),
+        "pure_first": _cfg(root, "pure", 3, dp2, pure_bf16=True),
+        "pure_resumed": _cfg(root, "pure", 6, dp2, pure_bf16=True),
     }
     results = dict(zip(two, spawn(train_configs, 2, list(two.values()))[0]))
     # The step-3 checkpoints resumed in other layouts (separate run dirs holding copies).
-    for source, target in (("tp2", "tp2_to_dp2"), ("tp2", "tp2_to_pp2"), ("moe", "ep2_to_ep1"), ("dp2", "dp2_to_dp1")):
+    for source, target in (("tp2", "tp2_to_dp2"), ("tp2", "tp2_to_pp2"), ("moe", "ep2_to_ep1"), ("dp2", "dp2_to_dp1"),
+                           ("pure", "pure_to_master")):
         step3 = Path("checkpoints") / "step_00000003"
         shutil.copytree(root / source / step3, root / target / step3)
     two = {
         "tp2_to_dp2": _cfg(root, "tp2_to_dp2", 6, dp2, save_at_end=False, fully_parallel_load=True),
         "tp2_to_pp2": _cfg(root, "tp2_to_pp2", 6, pp2, save_at_end=False),
         "ep2_to_ep1": _cfg(root, "ep2_to_ep1", 6, dp2, moe=True, save_at_end=False),
+        # a pure-bf16 checkpoint resumed with fp32 master weights (the distributed optimizer)
+        "pure_to_master": _cfg(root, "pure_to_master", 6, dp2, precision="bf16", save_at_end=False),
     }
     results.update(zip(two, spawn(train_configs, 2, list(two.values()))[0]))
     one = {"dp2_to_dp1": _cfg(root, "dp2_to_dp1", 6, ParallelLayout(), save_at_end=False)}
@@ -96,6 +106,23 @@ def test_interrupted_and_resumed_run_is_bit_identical(runs: dict) -> None:
 
 def test_bf16_moe_run_resumes_exactly(runs: dict) -> None:
     assert runs["moe_bf16_first"] + runs["moe_bf16_resumed"] == runs["ref_moe_bf16"]
+
+
+def test_pure_bf16_run_resumes_exactly(runs: dict) -> None:
+    """optim.fp32_master_weights=false: the bf16 weights and bf16 Adam states are the whole
+    optimizer state; saved and loaded, the run goes on bit for bit."""
+    assert runs["pure_first"] + runs["pure_resumed"] == runs["ref_pure"]
+
+
+def test_other_optimizer_form_is_refused_by_name(runs: dict) -> None:
+    """A checkpoint whose optimizer state has another form than this run keeps is refused before
+    any shard is read, naming both optimizers, the settings behind them and the way out."""
+    error = runs["pure_to_master"]
+    assert isinstance(error, str) and error.startswith("CheckpointMismatchError"), error
+    for words in ("written by megatron's FP32Optimizer", "optim.fp32_master_weights=false",
+                  "this run's optimizer is DistributedOptimizer (optim.distributed_optimizer=true)",
+                  "train.init_from=<checkpoint> checkpoint.resume=none"):
+        assert words in error
 
 
 def test_asynchronous_saves_resume_exactly(runs: dict) -> None:

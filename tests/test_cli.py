@@ -37,6 +37,20 @@ def test_model_info_reports_per_rank_memory() -> None:
     assert "72.71B parameters" in out and "dp=2" in out and "most loaded rank: 2.350B" in out
 
 
+def test_model_info_sizes_pure_bf16() -> None:
+    """--no-fp32-master-weights: 1.5B on one GPU, 2 + 2 + 4 bytes per parameter (1.544B: 11.50
+    GiB) against 25.88 GiB with fp32 gradients and master weights; refused with the distributed
+    optimizer, as the trainer refuses optim.fp32_master_weights=false with it."""
+    base = [BIN / "qwen2-model-info", "--model", "qwen2_1.5b"]
+    plain = subprocess.run(base, capture_output=True, text=True, check=True).stdout
+    pure = subprocess.run([*base, "--no-distributed-optimizer", "--no-fp32-master-weights"], capture_output=True,
+                          text=True, check=True).stdout
+    assert "total         25.88 GiB" in plain and "(Adam m, v, fp32 master weights)" in plain
+    assert "total         11.50 GiB" in pure and "gradients      2.88 GiB (bf16)" in pure and "(bf16 Adam m, v)" in pure
+    refused = subprocess.run([*base, "--no-fp32-master-weights"], capture_output=True, text=True)
+    assert refused.returncode == 2 and "--no-distributed-optimizer" in refused.stderr
+
+
 def test_model_info_rejects_invalid_layout_with_fix() -> None:
     run = subprocess.run(
         [BIN / "qwen2-model-info", "--model", "qwen2_0.5b", "--tp", "4"], capture_output=True, text=True

@@ -52,3 +52,7 @@ def test_rank_memory_splits_by_layout() -> None:
     dp8 = rank_memory(shape, ParallelLayout().resolve(8))
     assert dp8.weight_bytes == 2 * whole.params and dp8.grad_bytes == 4 * whole.params
     assert dp8.optimizer_bytes == 12 * whole.params // 8
+    # pure bf16 (optim.fp32_master_weights=false, no distributed optimizer): bf16 grads, m and v
+    pure = rank_memory(shape, ParallelLayout().resolve(8), 2, distributed_optimizer=False, fp32_master_weights=False)
+    assert (pure.weight_bytes, pure.grad_bytes, pure.optimizer_bytes) == (2 * whole.params, 2 * whole.params,
+                                                                         4 * whole.params)

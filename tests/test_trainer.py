@@ -14,13 +14,14 @@ from qwen2_megatron.convert.convert import import_hf
 from qwen2_megatron.checkpoint.config import CheckpointConfig
 from qwen2_megatron.checkpoint.model_checkpoint import checkpoint_shape
 from qwen2_megatron.data.demo import demo_mixture
+from qwen2_megatron.model.params import rank_memory
 from qwen2_megatron.parallel.layout import ParallelLayout
 from qwen2_megatron.parallel.local_launch import spawn
 from qwen2_megatron.train.config import (
     LogConfig, OptimConfig, RunConfig, StageConfig, TrainConfig, TrainerConfig, WandbConfig,
 )
 from tests.conftest import save_random_hf
-from tests.trainer_workers import train_and_release, train_configs
+from tests.trainer_workers import train_and_measure_state, train_and_release, train_configs
 from tests.wandb_reader import read_run
 
 STEPS = 4
@@ -171,3 +172,34 @@ def test_a_finished_trainer_is_freed(checkpoints: dict[str, Path], tmp_path: Pat
     configs = [_cfg(tmp_path, checkpoints[name], name, train__steps=2) for name in ("dense", "moe")]
     invalid = _cfg(tmp_path, checkpoints["dense"], "invalid", train__steps=1)  # warm-up 1 of 1 step
     assert spawn(train_and_release, 1, [*configs, invalid])[0] == [[], [], ["ConfigError"]]
+
+
+def test_pure_bf16_holds_8_bytes_per_parameter(checkpoints: dict[str, Path], tmp_path: Path) -> None:
+    """optim.fp32_master_weights=false: the optimizer steps the model's own bf16 weights (no
+    master copy) with bf16 gradients and bf16 Adam states, 8 bytes per parameter as transformers'
+    pure-bf16 training, against 18 with fp32 master weights; dense and MoE (dense and expert
+    optimizers), as qwen2-model-info's rank_memory says, and the runs train; with the weight
+    gradients of the layers and of the fused LM loss accumulated straight into the bf16 main_grad
+    (train.grad_accum_fusion) too, on the same trajectory up to bf16 rounding."""
+    pure = {"train__precision": "bf16", "optim__distributed_optimizer": False, "optim__fp32_master_weights": False,
+            "train__steps": 3}
+    configs = [
+        _cfg(tmp_path, checkpoints["dense"], "pure", **pure),
+        _cfg(tmp_path, checkpoints["moe"], "pure_moe", **pure),
+        _cfg(tmp_path, checkpoints["dense"], "master", train__precision="bf16", train__steps=3),
+        _cfg(tmp_path, checkpoints["dense"], "pure_fusion", **pure, train__grad_accum_fusion=True,
+             train__fused_lm_loss=True),
+    ]
+    layout = ParallelLayout().resolve(1)
+    results = spawn(train_and_measure_state, 1, configs)[0]
+    for cfg, got, master in zip(configs, results, (False, False, True, False), strict=True):
+        want = rank_memory(cfg.model, layout, 2, distributed_optimizer=master, fp32_master_weights=master)
+        print(f"{cfg.run.name}: {got}")
+        assert got["params"] == want.params
+        assert got["weights"] == want.weight_bytes == 2 * want.params
+        assert got["grads"] == want.grad_bytes == (4 if master else 2) * want.params
+        assert got["master"] + got["states"] == want.optimizer_bytes == (12 if master else 4) * want.params
+        assert got["dtypes"] == (["torch.float32"] if master else ["torch.bfloat16"])
+        assert len(got["losses"]) == 3 and all(math.isfinite(x) for x in got["losses"])
+    fused, plain = results[3]["losses"], results[0]["losses"]
+    assert max(abs(a - b) for a, b in zip(fused, plain)) <= 1e-2, (fused, plain)

@@ -18,7 +18,7 @@ def train_configs(configs: list[TrainerConfig]) -> list[list[float] | str]:
     for cfg in configs:
         try:
             results.append([r["loss"] for r in Trainer(cfg).train()])
-        except RuntimeError as err:
+        except (RuntimeError, ValueError) as err:  # ValueError: CheckpointMismatchError
             results.append(f"{type(err).__name__}: {err}")
         shutdown_runtime(keep_process_group=True)
     shutdown_runtime()
@@ -59,3 +59,33 @@ def train_and_list_helpers(configs: list[TrainerConfig]) -> list[bool]:
     mine = Path("/proc/self/cmdline").read_bytes()
     children = [pid for task in Path("/proc/self/task").iterdir() for pid in (task / "children").read_text().split()]
     return [Path(f"/proc/{pid}/cmdline").read_bytes() == mine for pid in children]
+
+
+def train_and_measure_state(configs: list[TrainerConfig]) -> list[dict[str, object]]:
+    """Train each config, then measure what it holds per rank: the bytes of the weights, of the
+    gradients DDP accumulates into (main_grad), of the optimizer's own tensors (master weights:
+    the parameters it steps that are not the model's) and of its states (Adam's m and v), with
+    their dtypes."""
+    from qwen2_megatron.train.optimizer import inner_optimizers
+
+    def size(tensors: list) -> int:
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    measured = []
+    for cfg in configs:
+        trainer = Trainer(cfg)
+        losses = [r["loss"] for r in trainer.train()]
+        weights = [p for chunk in trainer.model for p in chunk.module.parameters()]
+        mine = {id(p) for p in weights}
+        adams = [inner.optimizer for inner in inner_optimizers(trainer.optimizer)]
+        stepped = [p for adam in adams for group in adam.param_groups for p in group["params"]]
+        states = [t for adam in adams for s in adam.state.values() for k, t in s.items() if k != "step"]
+        measured.append({
+            "params": sum(p.numel() for p in weights), "losses": losses,
+            "weights": size(weights), "grads": size([p.main_grad for p in weights]),
+            "master": size([p for p in stepped if id(p) not in mine]), "states": size(states),
+            "dtypes": sorted({str(t.dtype) for t in [*(p.main_grad for p in weights), *states]}),
+        })
+        shutdown_runtime(keep_process_group=True)
+    shutdown_runtime()
+    return measured

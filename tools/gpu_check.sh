@@ -19,7 +19,7 @@
 # of "ours" beside hf in the 1.5b, 7b and 0.5b cases; default compiled layers + compiled fused LM loss),
 # CASES (default "parity 7b 1.5b ckpt 7b-sameinit 7b-autocast moe 0.5b", run in order while the
 # budget lasts; also 7b-fusion, 7b-liger, 7b-liger-fusion, 1.5b-fusion, 1.5b-plain, 1.5b-liger,
-# ckpt-1thread):
+# ckpt-1thread, 7b-pure, 7b-pure-mbs, 1.5b-pure, 0.5b-pure):
 # 1.5b-plain and 1.5b-liger train ours alone on the plain path, or with the Liger kernels + fused
 # LM loss; moe is hf beside ours with the fused LM loss and grouped-GEMM experts; 1.5b-fusion and
 # 7b-fusion train ours alone with FAST + train.grad_accum_fusion; 7b-liger and 7b-liger-fusion
@@ -28,7 +28,9 @@
 # (ckpt-1thread: one file written at a time instead of checkpoint.write_threads); 7b-sameinit
 # starts ours from transformers' initial weights so that the two sides' bf16 losses in bench.jsonl
 # compare step by step; 7b-autocast is hf with fp32 master weights under bf16 autocast, the
-# numerics ours has, instead of pure bf16).
+# numerics ours has, instead of pure bf16; 7b-pure, 1.5b-pure and 0.5b-pure train ours beside hf
+# with optim.fp32_master_weights=false (pure bf16, transformers' numerics and 8 bytes per parameter),
+# 7b-pure-mbs ours alone so at twice the 7b micro-batch).
 # GPU_CHECK_CPU_SMOKE=1 runs the same plumbing on CPU with tiny models and 64-token sequences (to
 # test this script without a GPU; the numbers mean nothing). Results so far: tools/GPU_RESULTS.md.
 set -uo pipefail
@@ -112,6 +114,9 @@ EOF
     echo "card memory ${mem} GiB: micro-batch 0.5B $mbs05, 1.5B $mbs15, 7B-8L $mbs7; MoE $moe_layers layer(s)"
     local t0 fast=() o
     for o in "${FAST[@]}"; do fast+=(--override "$o"); done
+    # optim.fp32_master_weights=false: bf16 weights, gradients and Adam states, as transformers' baseline
+    # (--dtype bf16: the GPU default, stated for the CPU smoke run)
+    local pure=(--dtype bf16 --override optim.distributed_optimizer=false --override optim.fp32_master_weights=false)
     t0=$(date +%s)
     local bench=(tools/bench_throughput.py --seq 4096 --warmup "$WARMUP" --steps "$STEPS" --json-out "$OUT/bench.jsonl")
     local parity=(tools/gpu_parity.py --json-out "$OUT/parity.json")
@@ -145,6 +150,15 @@ EOF
                     --micro-batch "$mbs7" "${fast[@]}" --same-init --label qwen2_7b-8L-fast-sameinit ;;
             7b-autocast) run_case qwen2_7b-8L-hfautocast 150 "$t0" "$py" "${bench[@]}" --preset "$p7" --layers 8 \
                     --micro-batch "$mbs7" "${fast[@]}" --hf-precision autocast --label qwen2_7b-8L-hfautocast ;;
+            7b-pure) run_case qwen2_7b-8L-pure 150 "$t0" "$py" "${bench[@]}" --preset "$p7" --layers 8 \
+                    --micro-batch "$mbs7" "${fast[@]}" "${pure[@]}" --label qwen2_7b-8L-fast-purebf16 ;;
+            7b-pure-mbs) run_case qwen2_7b-8L-pure-mbs 100 "$t0" "$py" "${bench[@]}" --preset "$p7" --layers 8 \
+                    --micro-batch $(( mbs7 * 2 )) --only ours "${fast[@]}" "${pure[@]}" \
+                    --label qwen2_7b-8L-fast-purebf16-mbs$(( mbs7 * 2 )) ;;
+            1.5b-pure) run_case qwen2_1.5b-pure 150 "$t0" "$py" "${bench[@]}" --preset "$p15" --micro-batch "$mbs15" \
+                    "${fast[@]}" "${pure[@]}" --label qwen2_1.5b-fast-purebf16 ;;
+            0.5b-pure) run_case qwen2_0.5b-pure 150 "$t0" "$py" "${bench[@]}" --preset "$p05" --micro-batch "$mbs05" \
+                    "${fast[@]}" "${pure[@]}" --label qwen2_0.5b-fast-purebf16 ;;
             ckpt) run_case checkpoint 120 "$t0" "$py" "${ckpt[@]}" ;;
             ckpt-1thread) run_case checkpoint-1thread 120 "$t0" "$py" "${ckpt[@]}" --write-threads 1 ;;
             1.5b-plain) run_case qwen2_1.5b-plain 100 "$t0" "$py" "${bench[@]}" --preset "$p15" --micro-batch "$mbs15" \

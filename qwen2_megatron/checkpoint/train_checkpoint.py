@@ -34,6 +34,7 @@ from megatron.core.dist_checkpointing.strategies.torch import TorchDistLoadShard
 
 from qwen2_megatron.checkpoint.location import Location, torch_load_weights, torch_save, write_text_atomic
 from qwen2_megatron.checkpoint.model_checkpoint import (
+    CheckpointMismatchError,
     check_shape,
     read_info,
     restore_model_state,
@@ -96,7 +97,8 @@ def save_training(
     captured now, so training may go on while the shards are written. `threads`: files each rank
     writes in parallel (checkpoint.write_threads).
     """
-    state = {**train_state, "adam_step": _adam_step(optimizer), "world_size": dist.get_world_size()}
+    state = {**train_state, "adam_step": _adam_step(optimizer), "optimizer": optimizer_kinds(optimizer),
+             "world_size": dist.get_world_size()}
     describe = partial(_write_description, path, shape, layout, precision, state)
     request = dist_checkpointing.save(
         _sharded_state(chunks, optimizer, is_loading=False),
@@ -142,6 +144,7 @@ def load_training(
         train_state = json.loads(state_file.read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise CorruptCheckpointError(f"{state_file} cannot be read ({err})") from None
+    _check_optimizer_kinds(path, train_state.get("optimizer"), optimizer_kinds(optimizer))
     _initialise_states(optimizer)
     try:
         sharded = _sharded_state(chunks, optimizer, is_loading=True)
@@ -161,6 +164,33 @@ def load_training(
     train_state["rng_restored"] = same_layout
     dist.barrier()  # megatron's load does not wait for the other ranks' reads to finish
     return train_state
+
+
+# The settings that select each of megatron's optimizers, whose checkpoint states differ in form.
+_KIND_SETTINGS = {
+    "DistributedOptimizer": "optim.distributed_optimizer=true",
+    "Float16OptimizerWithFloat16Params": "optim.distributed_optimizer=false with train.precision=bf16 "
+                                         "(fp32 master weights)",
+    "FP32Optimizer": "optim.distributed_optimizer=false with train.precision=fp32 or "
+                     "optim.fp32_master_weights=false",
+}
+
+
+def optimizer_kinds(optimizer: Any) -> list[str]:
+    """The class of each of megatron's inner optimizers (MoE: dense, then experts)."""
+    return [type(inner).__name__ for inner in inner_optimizers(optimizer)]
+
+
+def _check_optimizer_kinds(path: Location, saved: list[str] | None, live: list[str]) -> None:
+    """Refuse, before reading any shard, a checkpoint whose optimizer state has another form than
+    this run's optimizer keeps (checkpoints written before the kinds were recorded are not checked)."""
+    if saved is None or saved == live:
+        return
+    raise CheckpointMismatchError(
+        f"{path}: its optimizer state was written by megatron's {saved[0]} ({_KIND_SETTINGS.get(saved[0], '?')}), "
+        f"this run's optimizer is {live[0]} ({_KIND_SETTINGS.get(live[0], '?')}); resume with the settings it "
+        "was saved with, or start from its weights alone with train.init_from=<checkpoint> checkpoint.resume=none"
+    )
 
 
 def _initialise_states(optimizer: Any) -> None:

@@ -36,6 +36,10 @@ def main(argv: list[str] | None = None) -> int:
         "--no-distributed-optimizer", action="store_true",
         help="optimizer state replicated on every data-parallel rank",
     )
+    parser.add_argument(
+        "--no-fp32-master-weights", action="store_true",
+        help="pure bf16 (optim.fp32_master_weights=false): bf16 gradients and Adam states, no master copy",
+    )
     add_layout_args(parser, "the layout to size")
     args = parser.parse_args(argv)
     try:
@@ -47,22 +51,29 @@ def main(argv: list[str] | None = None) -> int:
         world = args.world_size or layout.min_world_size()
         layout = layout.resolve(world)
         layout.check_model(shape)
+        pure = args.no_fp32_master_weights
+        if pure and (args.precision != "bf16" or not args.no_distributed_optimizer):
+            raise ValueError("--no-fp32-master-weights needs --precision bf16 and --no-distributed-optimizer "
+                             "(as optim.fp32_master_weights=false needs train.precision=bf16 and "
+                             "optim.distributed_optimizer=false)")
     except (ValueError, LayoutError, OSError) as err:
         return fail(err)
     counts = count_parameters(shape)
     mem = rank_memory(
-        shape, layout, 2 if args.precision == "bf16" else 4, not args.no_distributed_optimizer
+        shape, layout, 2 if args.precision == "bf16" else 4, not args.no_distributed_optimizer, not pure
     )
+    grads = "bf16" if pure else "fp32"
+    master = ", fp32 master weights" if args.precision == "bf16" and not pure else ""
+    states = "bf16 " if pure else ""
     name = args.hf_config or args.model
     print(f"model {name}: {counts.total / 1e9:.2f}B parameters "
           f"({counts.non_embedding / 1e9:.2f}B non-embedding, {counts.active / 1e9:.2f}B active per token)")
     print(f"layout tp={layout.tp} pp={layout.pp} ep={layout.ep} etp={layout.expert_tp} "
-          f"dp={layout.dp} on {world} GPUs, {args.precision}")
+          f"dp={layout.dp} on {world} GPUs, {args.precision}{' without master weights' if pure else ''}")
     print(f"most loaded rank: {mem.params / 1e9:.3f}B parameters")
     print(f"  weights    {mem.weight_bytes / GIB:8.2f} GiB")
-    print(f"  gradients  {mem.grad_bytes / GIB:8.2f} GiB (fp32)")
-    print(f"  optimizer  {mem.optimizer_bytes / GIB:8.2f} GiB (Adam m, v"
-          f"{', fp32 master weights' if args.precision == 'bf16' else ''})")
+    print(f"  gradients  {mem.grad_bytes / GIB:8.2f} GiB ({grads})")
+    print(f"  optimizer  {mem.optimizer_bytes / GIB:8.2f} GiB ({states}Adam m, v{master})")
     print(f"  total      {mem.total_bytes / GIB:8.2f} GiB + activations")
     return 0
 

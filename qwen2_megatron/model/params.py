@@ -83,20 +83,26 @@ def rank_memory(
     layout: ParallelLayout,
     param_bytes: int = 2,
     distributed_optimizer: bool = True,
+    fp32_master_weights: bool = True,
 ) -> RankMemory:
-    """Memory of weights, fp32 gradients and Adam state (fp32 master weights, m and v) per rank.
+    """Memory of weights, gradients and Adam state (master weights, m and v) per rank.
 
-    param_bytes is 2 for bf16 training (fp32 master weights live in the optimizer) and 4 for fp32
-    (no master copy). With the distributed optimizer, optimizer state is split over the data
-    parallel ranks (dense) or the expert-data-parallel ranks (experts). Activations are excluded:
-    they depend on micro-batch, sequence length and recomputation.
+    param_bytes is 2 for bf16 training and 4 for fp32. With fp32_master_weights (the default),
+    gradients are fp32 and a bf16 run's optimizer keeps fp32 master weights and states; without
+    (optim.fp32_master_weights=false: pure bf16), gradients and Adam's m and v have the weights'
+    dtype and there is no master copy. With the distributed optimizer, optimizer state is split
+    over the data parallel ranks (dense) or the expert-data-parallel ranks (experts). Activations
+    are excluded: they depend on micro-batch, sequence length and recomputation.
     """
     if layout.dp is None:
         raise ValueError("resolve the layout (layout.resolve(world_size)) before sizing memory")
     tp, ep, etp = layout.tp, layout.ep, layout.expert_tp
     dense_dp = layout.dp * layout.cp
     expert_dp = layout.tp * layout.cp * layout.dp // (ep * etp)
-    state_bytes = 8 + (4 if param_bytes < 4 else 0)  # Adam m, v (+ fp32 master weights)
+    if fp32_master_weights:
+        grad_bytes, state_bytes = 4, 8 + (4 if param_bytes < 4 else 0)  # Adam m, v (+ fp32 master weights)
+    else:
+        grad_bytes, state_bytes = param_bytes, 2 * param_bytes
     layers_per_stage = shape.num_hidden_layers // layout.pp
     pattern = shape.moe_layer_pattern()
     table = shape.vocab_size * shape.hidden_size // tp
@@ -120,7 +126,7 @@ def rank_memory(
     return RankMemory(
         params=params,
         weight_bytes=params * param_bytes,
-        grad_bytes=params * 4,
+        grad_bytes=params * grad_bytes,
         optimizer_bytes=int(optimizer_params * state_bytes),
     )
 

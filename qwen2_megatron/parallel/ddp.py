@@ -33,8 +33,10 @@ def wrap_ddp(
     overlap_param_gather: bool = False,
     bucket_size: int | None = None,
     average_in_collective: bool = False,
+    fp32_grads: bool = True,
 ) -> list[DistributedDataParallel]:
-    """One DDP wrapper per chunk; gradients are kept and reduced in fp32.
+    """One DDP wrapper per chunk; gradients are kept and reduced in fp32 (`fp32_grads`), else in the
+    parameters' dtype (pure bf16: optim.fp32_master_weights=false).
 
     overlap_param_gather applies only with the distributed optimizer (it is ignored otherwise).
     bucket_size: parameters per gradient bucket (None: megatron's default, max(40M, 1M x DP);
@@ -44,7 +46,7 @@ def wrap_ddp(
     if average_in_collective and "nccl" not in str(torch.distributed.get_backend()):
         raise ValueError("ddp.average_in_collective needs NCCL (ReduceOp.AVG); gloo cannot average")
     ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True,
+        grad_reduce_in_fp32=fp32_grads,
         use_distributed_optimizer=use_distributed_optimizer,
         overlap_grad_reduce=overlap_grad_reduce,
         overlap_param_gather=overlap_param_gather and use_distributed_optimizer,

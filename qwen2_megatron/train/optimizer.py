@@ -1,7 +1,8 @@
 """megatron-core's optimizer and learning-rate scheduler, and a step that refuses non-finite updates.
 
 AdamW comes from get_megatron_optimizer (distributed optimizer optional; fp32 master weights with
-bf16 parameters), whose default parameter groups already exempt 1-D parameters and biases from
+bf16 parameters, or, with optim.fp32_master_weights=false, megatron's FP32Optimizer stepping the
+bf16 parameters themselves with bf16 Adam states: transformers' pure-bf16 numerics), whose default parameter groups already exempt 1-D parameters and biases from
 weight decay, as Qwen2's recipe does. The schedule is megatron-core's OptimizerParamScheduler
 stepped once per optimizer step (warm-up, then cosine, WSD or constant).
 
@@ -31,6 +32,7 @@ _STYLE = {"cosine": "cosine", "wsd": "WSD", "constant": "constant"}
 def build_optimizer(
     optim: OptimConfig, precision: str, chunks: list[torch.nn.Module]
 ) -> MegatronOptimizer:
+    low_precision = precision in ("bf16", "fp8")
     config = OptimizerConfig(
         optimizer="adam",
         lr=optim.lr,
@@ -40,8 +42,10 @@ def build_optimizer(
         adam_beta2=optim.adam_beta2,
         adam_eps=optim.adam_eps,
         clip_grad=optim.clip_grad,
-        bf16=precision in ("bf16", "fp8"),
-        params_dtype=torch.bfloat16 if precision in ("bf16", "fp8") else torch.float32,
+        # bf16=False with bf16 parameters: megatron's FP32Optimizer, no master copy (validated:
+        # only without the distributed optimizer, which always makes fp32 master shards)
+        bf16=low_precision and optim.fp32_master_weights,
+        params_dtype=torch.bfloat16 if low_precision else torch.float32,
         use_distributed_optimizer=optim.distributed_optimizer,
     )
     use_foreach_kernels(optim.foreach_kernels)
@@ -125,13 +129,28 @@ def guarded_step(optimizer: MegatronOptimizer, clip_in_fused_adam: bool = False)
     if not scaled:
         for inner in inners:
             if inner.config.clip_grad > 0.0:
-                # looked up at call time: the CPU compatibility layer wraps it after import
-                clip_grads.clip_grad_by_total_norm_fp32(inner.get_parameters(), inner.config.clip_grad, norm)
+                _clip_by_total_norm(inner.get_parameters(), inner.config.clip_grad, norm)
     try:
         return bool(optimizer.step_with_ready_grads()), norm
     finally:
         for adam in scaled:
             del adam.grad_scale
+
+
+def _clip_coefficient(clip: float, norm: float) -> float:
+    """megatron's clipping factor; gradients are scaled by it only where it is below 1."""
+    return clip / (norm + 1.0e-6)
+
+
+def _clip_by_total_norm(params: list[torch.nn.Parameter], clip: float, norm: float) -> None:
+    """megatron's clipping of fp32 gradients; the bf16 gradients of pure bf16 (optim.fp32_master_weights
+    =false), which megatron's function refuses, are scaled by the same factor with torch's foreach kernel."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if all(g.dtype == torch.float32 for g in grads):
+        # looked up at call time: the CPU compatibility layer wraps it after import
+        clip_grads.clip_grad_by_total_norm_fp32(params, clip, norm)
+    elif (coeff := _clip_coefficient(clip, norm)) < 1.0:
+        torch._foreach_mul_(grads, coeff)
 
 
 def _clip_in_fused_adam(inners: list[Any], norm: float) -> list[Any]:
@@ -144,7 +163,7 @@ def _clip_in_fused_adam(inners: list[Any], norm: float) -> list[Any]:
     clips = {inner.config.clip_grad for inner in inners}
     if not fused or len(clips) != 1 or (clip := clips.pop()) <= 0.0:  # clip_grad <= 0: no clipping
         return []
-    coeff = clip / (norm + 1.0e-6)
+    coeff = _clip_coefficient(clip, norm)
     if coeff >= 1.0:  # megatron scales only by factors below 1
         return []
     for adam in adams:

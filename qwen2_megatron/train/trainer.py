@@ -92,6 +92,7 @@ class Trainer:
             chunks, use_distributed_optimizer=cfg.optim.distributed_optimizer,
             overlap_grad_reduce=cfg.ddp.overlap_grad_reduce, overlap_param_gather=cfg.ddp.overlap_param_gather,
             bucket_size=cfg.ddp.bucket_size, average_in_collective=cfg.ddp.average_in_collective,
+            fp32_grads=cfg.optim.fp32_master_weights,
         )
         self.optimizer = build_optimizer(cfg.optim, cfg.train.precision, self.model)
         self.scheduler = build_scheduler(cfg.optim, cfg.train, self.optimizer)
