@@ -11,14 +11,19 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parent.parent
 TOOL = REPO / "tools" / "bench_checkpoint.py"
 
 
-def test_two_ranks_report_save_async_load_and_checksums(tmp_path: Path) -> None:
+@pytest.mark.parametrize("async_copy", ["overlap", "at_save"])
+def test_two_ranks_report_save_async_load_and_checksums(tmp_path: Path, async_copy: str) -> None:
+    """Also the bench's own check that the asynchronous save wrote the state of the step that saved
+    (overlap: the writer starts after a step that changed the state; at_save: megatron's)."""
     proc = subprocess.run(
         [sys.executable, str(TOOL), "--preset", "tiny", "--layers", "1", "--nproc", "2", "--repeats", "2",
-         "--seq", "32", "--write-threads", "2", "--dir", str(tmp_path)],
+         "--seq", "32", "--write-threads", "2", "--dir", str(tmp_path), "--async-copy", async_copy],
         capture_output=True, text=True, timeout=900, cwd=REPO,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -33,4 +38,6 @@ def test_two_ranks_report_save_async_load_and_checksums(tmp_path: Path) -> None:
                   "load", "load, fully parallel", "verify checksums"):
         assert re.search(rf"^{label}\s+[-+\d.]", out, re.MULTILINE), (label, out)
     assert re.search(r"^async save in all\s+\d+ steps ran until published", out, re.MULTILINE), out
+    assert f"blocking (checkpoint.async_copy={async_copy})" in out
+    assert re.search(r"^async = sync save     yes: 0 of \d+ tensors differ", out, re.MULTILINE), out
     assert list(tmp_path.iterdir()) == []  # the benchmark's checkpoints are removed

@@ -74,6 +74,10 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
         # background saves every step (each waits for the one before), then resumed
         "async_first": _cfg(root, "async", 3, dp2, interval=1, async_save=True),
         "async_resumed": _cfg(root, "async", 6, dp2, interval=2, async_save=True),
+        # async_copy=overlap: each save's host copy is taken at the save, its writer started after
+        # the next step (which changed the state)
+        "overlap_first": _cfg(root, "overlap", 3, dp2, interval=1, async_save=True, async_copy="overlap"),
+        "overlap_resumed": _cfg(root, "overlap", 6, dp2, interval=2, async_save=True, async_copy="overlap"),
         "ref_pure": _cfg(root, "ref_pure", 6, dp2, pure_bf16=True, save_at_end=False),
         "pure_first": _cfg(root, "pure", 3, dp2, pure_bf16=True),
         "pure_resumed": _cfg(root, "pure", 6, dp2, pure_bf16=True),
@@ -125,9 +129,10 @@ def test_other_optimizer_form_is_refused_by_name(runs: dict) -> None:
         assert words in error
 
 
-def test_asynchronous_saves_resume_exactly(runs: dict) -> None:
-    assert runs["async_first"] + runs["async_resumed"] == runs["ref"]
-    store = CheckpointStore(runs["root"] / "async" / "checkpoints")
+@pytest.mark.parametrize("run", ["async", "overlap"])
+def test_asynchronous_saves_resume_exactly(runs: dict, run: str) -> None:
+    assert runs[f"{run}_first"] + runs[f"{run}_resumed"] == runs["ref"]
+    store = CheckpointStore(runs["root"] / run / "checkpoints")
     assert [p.name for p in store.listing().complete] == ["step_00000003", "step_00000004", "step_00000006"]
     assert store.listing().incomplete == [] and store.latest() == store.path(6)
     check_files(store.path(6))

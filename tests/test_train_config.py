@@ -31,6 +31,7 @@ def _cfg(**sections) -> TrainerConfig:
         ({"train": {"on_nonfinite": "ignore"}}, 2, "train.on_nonfinite='ignore'"),
         ({"train": {"steps": 0}}, 2, "train.steps=0 must be >= 1"),
         ({"checkpoint": {"write_threads": 0}}, 2, "checkpoint.write_threads=0 must be >= 1"),
+        ({"checkpoint": {"async_copy": "later"}}, 2, "checkpoint.async_copy='later': choose one of"),
         ({"optim": {"fp32_master_weights": False, "distributed_optimizer": False}}, 2,
          "optim.fp32_master_weights=false applies to train.precision=bf16 (not fp32)"),
         ({"optim": {"fp32_master_weights": False}, "train": {"precision": "bf16"}}, 2,

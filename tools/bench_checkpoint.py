@@ -20,6 +20,10 @@ as a resume does), with every rank reading all the weights and with
 checkpoint.fully_parallel_load (the weights' reading spread over the data-parallel ranks, then
 exchanged), the bytes rank 0 read (/proc/self/io rchar: page-cache hits included), and the
 verification of the shards' checksums that a resume runs first (each rank its share of the files).
+Last, it checks that an asynchronous save writes the state of the step that saved, although its
+copy to host memory overlaps the next step (checkpoint.async_copy=overlap, the default on a GPU):
+both saves of one state are loaded back and every weight and optimizer tensor compared; a
+difference fails the run.
 """
 
 from __future__ import annotations
@@ -59,8 +63,21 @@ def _bytes_read() -> int:
     raise RuntimeError("/proc/self/io has no rchar line")
 
 
+def _state_tensors(models: list, optimizer: object) -> list:
+    """Host copies of everything a checkpoint restores into tensors: the weights, and each inner
+    optimizer's parameters (the distributed optimizer's fp32 master shards) and Adam states."""
+    from qwen2_megatron.train.optimizer import inner_optimizers
+
+    tensors = [p for model in models for p in model.parameters()]
+    for inner in inner_optimizers(optimizer):
+        adam = inner.optimizer
+        tensors += [p for group in adam.param_groups for p in group["params"]]
+        tensors += [t for state in adam.state.values() for k, t in sorted(state.items()) if k != "step"]
+    return [t.detach().to("cpu", copy=True) for t in tensors]
+
+
 def save_rank(directory: str, preset: str, layers: int, repeats: int, seq: int, threads: int, precision: str,
-              micro_batches: int, write_threads: int, warmup: int) -> dict[str, list[float]]:
+              micro_batches: int, write_threads: int, warmup: int, async_copy: str) -> dict[str, list[float]]:
     import torch
     import torch.distributed as dist
 
@@ -85,7 +102,7 @@ def save_rank(directory: str, preset: str, layers: int, repeats: int, seq: int, 
         sync, background = (
             CheckpointManager(
                 CheckpointConfig(dir=f"{directory}/{name}", keep_last=1, async_save=name == "async",
-                                 write_threads=write_threads),
+                                 write_threads=write_threads, async_copy=async_copy),
                 shape, runtime.layout, precision,
             )
             for name in ("sync", "async")
@@ -105,6 +122,7 @@ def save_rank(directory: str, preset: str, layers: int, repeats: int, seq: int, 
                 chunk.zero_grad_buffer()
             optimizer.zero_grad()
             forward_backward(chunks, [batch] * micro_batches)
+            background.before_update()  # as the trainer does: a staged save may still be copying
             optimizer.step()
             dist.barrier()
             faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
@@ -145,6 +163,22 @@ def save_rank(directory: str, preset: str, layers: int, repeats: int, seq: int, 
             times["steps_while_writing"].append(len(steps))
             # what the save cost training in all: the time until published beyond as many plain steps
             times["async_cost"].append(times["async_total"][-1] - len(steps) * min(times["step"]))
+        # The asynchronous save against a synchronous one of the same state: what the background
+        # writer wrote (its copy overlapping a step that then changed the state) must be that state.
+        step = repeats + 1
+        path = sync.save(step, models, optimizer, {"step": step})
+        sync.wait()
+        background.save(step, models, optimizer, {"step": step})
+        train_step()
+        background.wait()
+        loaded = []
+        for source in (path, background.store.path(step)):
+            load_training(source, models, optimizer, shape, runtime.layout)
+            loaded.append(_state_tensors(models, optimizer))
+        counts = torch.tensor([sum(not torch.equal(a, b) for a, b in zip(*loaded, strict=True)), len(loaded[0])],
+                              device=runtime.device)
+        dist.all_reduce(counts)
+        times["async_differs"], times["async_compared"] = [int(counts[0])], [int(counts[1])]
         times["verify_checksums"] = []
         for _ in range(repeats):
             dist.barrier()
@@ -185,6 +219,8 @@ def main() -> None:
     parser.add_argument("--write-threads", type=int, default=CheckpointConfig.write_threads,
                         help="files each rank writes in parallel (checkpoint.write_threads)")
     parser.add_argument("--warmup", type=int, default=1, help="training steps before the timed ones (1 or more)")
+    parser.add_argument("--async-copy", choices=("auto", "overlap", "at_save"), default=CheckpointConfig.async_copy,
+                        help="the asynchronous save's copy of the state to host memory (checkpoint.async_copy)")
     args = parser.parse_args()
     if args.warmup < 1 or args.write_threads < 1:
         parser.error("--warmup and --write-threads must be >= 1")
@@ -195,7 +231,7 @@ def main() -> None:
     try:
         times = spawn(
             save_rank, args.nproc, str(work / "ckpt"), args.preset, args.layers, args.repeats, args.seq, args.threads,
-            args.precision, args.micro_batches, args.write_threads, args.warmup,
+            args.precision, args.micro_batches, args.write_threads, args.warmup, args.async_copy,
             env=LauncherConfig().env,  # the trainer's rank environment
         )[0]
         best = {key: min(values) for key, values in times.items()}
@@ -212,7 +248,8 @@ def main() -> None:
         threads = f"{args.threads} CPU threads per rank" if args.threads else "torch's default CPU threads"
         print(f"training step         {best['step']:.2f} s ({args.precision}, {args.micro_batches} micro-batch(es) of "
               f"seq {args.seq}, {threads})")
-        print(f"async save            {best['async_blocking']:.2f} s blocking, then a step of "
+        print(f"async save            {best['async_blocking']:.2f} s blocking (checkpoint.async_copy="
+              f"{args.async_copy}), then a step of "
               f"{best['step_while_writing']:.2f} s while writing; published after {best['async_total']:.2f} s")
         print(f"step triggering save  {100 * slowed:+.1f}% vs a plain step (async); rank 0's page faults in "
               f"it: {statistics.median(times['step_while_writing_faults']):,.0f} against "
@@ -220,12 +257,17 @@ def main() -> None:
         cost = statistics.median(times["async_cost"])
         print(f"async save in all     {statistics.median(times['steps_while_writing']):.0f} steps ran until published "
               f"(median), {cost:.2f} s more than plain steps = {cost / best['step']:.2f} steps lost per save")
+        differs, compared = sum(times["async_differs"]), times["async_compared"][0]
+        print(f"async = sync save     {'yes' if not differs else 'NO'}: {differs} of {compared} tensors differ between "
+              "an asynchronous and a synchronous save of the same step (all ranks), after a step beside the copy")
         for name, label in (("load_every_rank_reads_all", "load"), ("load_reads_spread", "load, fully parallel")):
             print(f"{label:<22}{best[name]:.2f} s, {best[name + '_bytes_read'] / 2**30:.2f} GiB read by rank 0")
         print(f"verify checksums      {best['verify_checksums']:.2f} s (before a resume's load; "
               f"{nbytes / best['verify_checksums'] / 1e9:.2f} GB/s over {args.nproc} ranks)")
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    if differs:
+        raise SystemExit("the asynchronous save did not write the state of the step that saved")
 
 
 if __name__ == "__main__":

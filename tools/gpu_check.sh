@@ -19,13 +19,16 @@
 # of "ours" beside hf in the 1.5b, 7b and 0.5b cases; default compiled layers + compiled fused LM loss),
 # CASES (default "parity 7b 1.5b ckpt 7b-sameinit 7b-autocast moe 0.5b", run in order while the
 # budget lasts; also 7b-fusion, 7b-liger, 7b-liger-fusion, 1.5b-fusion, 1.5b-plain, 1.5b-liger,
-# ckpt-1thread, 7b-pure, 7b-pure-mbs, 1.5b-pure, 0.5b-pure):
+# ckpt-1thread, ckpt-atsave, 7b-pure, 7b-pure-mbs, 1.5b-pure, 0.5b-pure):
 # 1.5b-plain and 1.5b-liger train ours alone on the plain path, or with the Liger kernels + fused
 # LM loss; moe is hf beside ours with the fused LM loss and grouped-GEMM experts; 1.5b-fusion and
 # 7b-fusion train ours alone with FAST + train.grad_accum_fusion; 7b-liger and 7b-liger-fusion
 # train ours alone with the Liger kernels + fused LM loss, without and with
 # train.grad_accum_fusion; ckpt is tools/bench_checkpoint.py with one rank on the GPU
-# (ckpt-1thread: one file written at a time instead of checkpoint.write_threads); 7b-sameinit
+# (ckpt-1thread: one file written at a time instead of checkpoint.write_threads; the asynchronous
+# save's host copy overlaps the next step there, checkpoint.async_copy=auto, and ckpt-atsave is
+# megatron-core's copy at the save instead; both check that the asynchronous save equals a
+# synchronous one of the same step); 7b-sameinit
 # starts ours from transformers' initial weights so that the two sides' bf16 losses in bench.jsonl
 # compare step by step; 7b-autocast is hf with fp32 master weights under bf16 autocast, the
 # numerics ours has, instead of pure bf16; 7b-pure, 1.5b-pure and 0.5b-pure train ours beside hf
@@ -161,6 +164,7 @@ EOF
                     "${fast[@]}" "${pure[@]}" --label qwen2_0.5b-fast-purebf16 ;;
             ckpt) run_case checkpoint 120 "$t0" "$py" "${ckpt[@]}" ;;
             ckpt-1thread) run_case checkpoint-1thread 120 "$t0" "$py" "${ckpt[@]}" --write-threads 1 ;;
+            ckpt-atsave) run_case checkpoint-atsave 120 "$t0" "$py" "${ckpt[@]}" --async-copy at_save ;;
             1.5b-plain) run_case qwen2_1.5b-plain 100 "$t0" "$py" "${bench[@]}" --preset "$p15" --micro-batch "$mbs15" \
                     --only ours --label qwen2_1.5b-plain ;;
             1.5b-liger) run_case qwen2_1.5b-liger 100 "$t0" "$py" "${bench[@]}" --preset "$p15" --micro-batch "$mbs15" \

@@ -16,6 +16,11 @@ class CheckpointConfig:
     keep_every: int = 0  # also keep every checkpoint whose step is a multiple of this; 0 = none
     save_at_end: bool = True
     async_save: bool = False  # write shards in a background process while training goes on
+    # async_save's copy of the state to host memory: overlap (during the next step's forward and
+    # backward, on a side CUDA stream; the step's update waits for it; the writer starts after that
+    # step) | at_save (megatron-core's: the saving step waits for the copy; on a CPU no copy, the
+    # writer reads the trainer's memory copy-on-write) | auto (overlap where the state is on a GPU)
+    async_copy: str = "auto"
     # files each rank writes in parallel threads (torch.save and the writes release the GIL); a
     # disk or a parallel file system takes several streams faster than one (README, Checkpoints)
     write_threads: int = 4

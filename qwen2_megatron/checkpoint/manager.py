@@ -4,6 +4,9 @@ Saving: every `interval` steps, at the end, and on request (a signal or a SAVE f
 directory; see train/trainer.py). With `async_save`, the step that saves only captures the state
 and hands the shards to megatron-core's background writer; the checkpoint is published when every
 rank's writer has finished (checked at each step by `poll`), and at most one save is in flight.
+Its copy of the state to host memory overlaps the next step where `async_copy` says so
+(staging.py): the trainer calls `before_update` before each optimizer step, and the writer is
+started at the first `poll` after that update.
 Resuming: `resume=auto` takes the newest complete checkpoint of the run (starting fresh when there
 is none), reports incomplete ones, and with `fallback` skips a newest checkpoint whose files are
 damaged (missing, truncated, or failing their checksums: `verify_checksums`); `resume=<path>`
@@ -27,6 +30,7 @@ from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQu
 from qwen2_megatron.checkpoint.config import CheckpointConfig
 from qwen2_megatron.checkpoint.location import Location, location, remove_tree
 from qwen2_megatron.checkpoint.model_checkpoint import start_write_results_server
+from qwen2_megatron.checkpoint.staging import StagedSave, has_device_tensors
 from qwen2_megatron.checkpoint.store import CheckpointStore, checkpoint_step
 from qwen2_megatron.checkpoint.train_checkpoint import load_training, save_training
 from qwen2_megatron.checkpoint.validate import (
@@ -51,6 +55,8 @@ class CheckpointManager:
         self.store = CheckpointStore(cfg.dir)
         self.main = dist.get_rank() == 0
         self._queue = AsyncCallsQueue() if cfg.async_save else None
+        self._staged: StagedSave | None = None  # a save whose host copy overlaps the next step
+        self._updated_since_staging = False
         self._deleting: threading.Thread | None = None
         start_write_results_server()  # before the trainer builds the model: it forks
 
@@ -76,11 +82,17 @@ class CheckpointManager:
             publish()
         else:
             request.add_finalize_fn(publish)
-            self._queue.schedule_async_request(request)
+            overlap = self.cfg.async_copy == "overlap" or (
+                self.cfg.async_copy == "auto" and has_device_tensors(request)
+            )
+            if overlap:
+                self._staged, self._updated_since_staging = StagedSave(request), False
+            else:
+                self._queue.schedule_async_request(request)
             if self.main:
                 print(
                     f"checkpoint of step {step} handed to the background writer "
-                    f"in {time.perf_counter() - start:.2f} s",
+                    f"in {time.perf_counter() - start:.2f} s{' (host copy overlapping the next step)' if overlap else ''}",
                     flush=True,
                 )
         return self.store.path(step)
@@ -88,12 +100,27 @@ class CheckpointManager:
     @property
     def writing(self) -> bool:
         """A background save is in flight (the same on every rank: `poll` finishes saves together)."""
-        return self._queue is not None and self._queue.get_num_unfinalized_calls() > 0
+        return self._staged is not None or (self._queue is not None and self._queue.get_num_unfinalized_calls() > 0)
+
+    def before_update(self) -> None:
+        """Before an optimizer step: the step must not change the state a staged save still copies."""
+        if self._staged is not None:
+            self._staged.hold_update()
+            self._updated_since_staging = True
 
     def poll(self) -> None:
-        """Collective (when a save is in flight): publish a background save that has finished."""
+        """Collective (when a save is in flight): start the writer of a staged save once a step has
+        run beside its copy (decided by step count, so alike on every rank), and publish a
+        background save that has finished."""
+        if self._staged is not None and self._updated_since_staging:
+            self._start_writer()
         if self.writing:
             self._queue.maybe_finalize_async_calls(blocking=False)
+
+    def _start_writer(self) -> None:
+        request = self._staged.request()
+        self._staged = None
+        self._queue.schedule_async_request(request)
 
     def wait(self) -> None:
         """Collective: finish and publish the save in flight, if any, and finish deleting what
@@ -102,12 +129,15 @@ class CheckpointManager:
         self._finish_deleting()
 
     def _finish_writing(self) -> None:
+        if self._staged is not None:
+            self._start_writer()
         if self.writing:
             self._queue.maybe_finalize_async_calls(blocking=True)
 
     def abort(self) -> None:
         """Stop a background save without publishing it (after a failure elsewhere): its partial
         directory stays behind and is reported and ignored by the next start."""
+        self._staged = None
         if self._queue is not None:
             for call in self._queue.async_calls:
                 call.async_caller.close(abort=True)

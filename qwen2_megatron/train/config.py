@@ -157,6 +157,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "train.compile": ("none", "layers"),
     "train.on_nonfinite": ("skip", "stop"),
     "log.wandb.mode": ("online", "offline", "disabled"),
+    "checkpoint.async_copy": ("auto", "overlap", "at_save"),
 }
 
 

@@ -150,6 +150,7 @@ class Trainer:
         batches = self._micro_batches(self.loader)
         losses = forward_backward(self.model, batches, fused_loss=self.fused_loss)
         loss = self._global_mean([d["lm loss"] for d in losses])
+        self.checkpoints.before_update()  # a staged asynchronous save may still be copying the state
         stepped, grad_norm = guarded_step(self.optimizer, self.cfg.optim.clip_in_fused_adam)
         self.last_grad_norm = grad_norm
         finite = stepped and math.isfinite(loss)
