@@ -90,9 +90,10 @@ class CheckpointManager:
             else:
                 self._queue.schedule_async_request(request)
             if self.main:
+                how = " (host copy overlapping the next step)" if overlap else ""
                 print(
                     f"checkpoint of step {step} handed to the background writer "
-                    f"in {time.perf_counter() - start:.2f} s{' (host copy overlapping the next step)' if overlap else ''}",
+                    f"in {time.perf_counter() - start:.2f} s{how}",
                     flush=True,
                 )
         return self.store.path(step)

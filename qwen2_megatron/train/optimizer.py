@@ -2,9 +2,10 @@
 
 AdamW comes from get_megatron_optimizer (distributed optimizer optional; fp32 master weights with
 bf16 parameters, or, with optim.fp32_master_weights=false, megatron's FP32Optimizer stepping the
-bf16 parameters themselves with bf16 Adam states: transformers' pure-bf16 numerics), whose default parameter groups already exempt 1-D parameters and biases from
-weight decay, as Qwen2's recipe does. The schedule is megatron-core's OptimizerParamScheduler
-stepped once per optimizer step (warm-up, then cosine, WSD or constant).
+bf16 parameters themselves with bf16 Adam states: transformers' pure-bf16 numerics), whose default
+parameter groups already exempt 1-D parameters and biases from weight decay, as Qwen2's recipe
+does. The schedule is megatron-core's OptimizerParamScheduler stepped once per optimizer step
+(warm-up, then cosine, WSD or constant).
 
 Without Transformer Engine or apex, megatron-core falls back to torch's AdamW in its default
 (foreach) form, several passes over the fp32 master weights and states per step; optim.fused_adam
