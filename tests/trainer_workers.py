@@ -66,7 +66,7 @@ def train_and_measure_state(configs: list[TrainerConfig]) -> list[dict[str, obje
     gradients DDP accumulates into (main_grad), of the optimizer's own tensors (master weights:
     the parameters it steps that are not the model's) and of its states (Adam's m and v), with
     their dtypes."""
-    from qwen2_megatron.train.optimizer import inner_optimizers
+    from qwen2_megatron.train.optimizer import adam_tensors
 
     def size(tensors: list) -> int:
         return sum(t.numel() * t.element_size() for t in tensors)
@@ -77,9 +77,7 @@ def train_and_measure_state(configs: list[TrainerConfig]) -> list[dict[str, obje
         losses = [r["loss"] for r in trainer.train()]
         weights = [p for chunk in trainer.model for p in chunk.module.parameters()]
         mine = {id(p) for p in weights}
-        adams = [inner.optimizer for inner in inner_optimizers(trainer.optimizer)]
-        stepped = [p for adam in adams for group in adam.param_groups for p in group["params"]]
-        states = [t for adam in adams for s in adam.state.values() for k, t in s.items() if k != "step"]
+        stepped, states = adam_tensors(trainer.optimizer)
         measured.append({
             "params": sum(p.numel() for p in weights), "losses": losses,
             "weights": size(weights), "grads": size([p.main_grad for p in weights]),

@@ -66,13 +66,10 @@ def _bytes_read() -> int:
 def _state_tensors(models: list, optimizer: object) -> list:
     """Host copies of everything a checkpoint restores into tensors: the weights, and each inner
     optimizer's parameters (the distributed optimizer's fp32 master shards) and Adam states."""
-    from qwen2_megatron.train.optimizer import inner_optimizers
+    from qwen2_megatron.train.optimizer import adam_tensors
 
-    tensors = [p for model in models for p in model.parameters()]
-    for inner in inner_optimizers(optimizer):
-        adam = inner.optimizer
-        tensors += [p for group in adam.param_groups for p in group["params"]]
-        tensors += [t for state in adam.state.values() for k, t in sorted(state.items()) if k != "step"]
+    stepped, states = adam_tensors(optimizer)
+    tensors = [p for model in models for p in model.parameters()] + stepped + states
     return [t.detach().to("cpu", copy=True) for t in tensors]
 
 

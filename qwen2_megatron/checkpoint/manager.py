@@ -56,7 +56,6 @@ class CheckpointManager:
         self.main = dist.get_rank() == 0
         self._queue = AsyncCallsQueue() if cfg.async_save else None
         self._staged: StagedSave | None = None  # a save whose host copy overlaps the next step
-        self._updated_since_staging = False
         self._deleting: threading.Thread | None = None
         start_write_results_server()  # before the trainer builds the model: it forks
 
@@ -82,11 +81,10 @@ class CheckpointManager:
             publish()
         else:
             request.add_finalize_fn(publish)
-            overlap = self.cfg.async_copy == "overlap" or (
-                self.cfg.async_copy == "auto" and has_device_tensors(request)
-            )
+            on_gpu = has_device_tensors(request)
+            overlap = self.cfg.async_copy == "overlap" or (self.cfg.async_copy == "auto" and on_gpu)
             if overlap:
-                self._staged, self._updated_since_staging = StagedSave(request), False
+                self._staged = StagedSave(request, on_gpu)
             else:
                 self._queue.schedule_async_request(request)
             if self.main:
@@ -107,13 +105,12 @@ class CheckpointManager:
         """Before an optimizer step: the step must not change the state a staged save still copies."""
         if self._staged is not None:
             self._staged.hold_update()
-            self._updated_since_staging = True
 
     def poll(self) -> None:
         """Collective (when a save is in flight): start the writer of a staged save once a step has
         run beside its copy (decided by step count, so alike on every rank), and publish a
         background save that has finished."""
-        if self._staged is not None and self._updated_since_staging:
+        if self._staged is not None and self._staged.held_an_update:
             self._start_writer()
         if self.writing:
             self._queue.maybe_finalize_async_calls(blocking=False)

@@ -32,9 +32,9 @@ def has_device_tensors(request: AsyncRequest) -> bool:
 class StagedSave:
     """The host copy of an asynchronous save's shards, started when built."""
 
-    def __init__(self, request: AsyncRequest) -> None:
+    def __init__(self, request: AsyncRequest, on_gpu: bool) -> None:
+        """on_gpu: has_device_tensors(request), which the caller has asked already."""
         buckets = request.async_fn_args[1]
-        on_gpu = has_device_tensors(request)
         stream = torch.cuda.Stream() if on_gpu else None
         if stream is not None:
             stream.wait_stream(torch.cuda.current_stream())  # the step that saves has written the state
@@ -51,11 +51,13 @@ class StagedSave:
         self._sources: list[Any] | None = buckets if stream is not None else None
         self._staged = staged
         self._request = request
+        self.held_an_update = False  # a step has run beside the copy: the writer may start
 
     def hold_update(self) -> None:
         """Make the work queued next on the current stream (an optimizer step) wait for the copy."""
         if self._done is not None:
             torch.cuda.current_stream().wait_event(self._done)
+        self.held_an_update = True
 
     def request(self) -> AsyncRequest:
         """The request to schedule, its write function reading the host copies (waits for them)."""

@@ -61,6 +61,15 @@ def inner_optimizers(optimizer: MegatronOptimizer) -> list[Any]:
     return list(getattr(optimizer, "chained_optimizers", [optimizer]))
 
 
+def adam_tensors(optimizer: MegatronOptimizer) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """What the inner torch optimizers hold: the parameters they step (the model's own weights, or
+    fp32 master copies of them) and their states (Adam's m and v; step counters excluded)."""
+    adams = [inner.optimizer for inner in inner_optimizers(optimizer) if inner.optimizer is not None]
+    stepped = [p for adam in adams for group in adam.param_groups for p in group["params"]]
+    states = [t for adam in adams for state in adam.state.values() for key, t in state.items() if key != "step"]
+    return stepped, states
+
+
 def stepping_optimizers(optimizer: MegatronOptimizer) -> list[Any]:
     """The inner optimizers that hold parameters (a stub or empty one takes no part in a step)."""
     return [inner for inner in inner_optimizers(optimizer) if inner.get_parameters()]
