@@ -26,11 +26,8 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.strategies.async_utils import AsyncRequest
-from megatron.core.dist_checkpointing.strategies.fully_parallel import (
-    FullyParallelLoadStrategyWrapper,
-    FullyParallelSaveStrategyWrapper,
-)
-from megatron.core.dist_checkpointing.strategies.torch import TorchDistLoadShardedStrategy, TorchDistSaveShardedStrategy
+from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelLoadStrategyWrapper
+from megatron.core.dist_checkpointing.strategies.torch import TorchDistLoadShardedStrategy
 
 from qwen2_megatron.checkpoint.location import Location, torch_load_weights, torch_save, write_text_atomic
 from qwen2_megatron.checkpoint.model_checkpoint import (
@@ -42,6 +39,7 @@ from qwen2_megatron.checkpoint.model_checkpoint import (
     write_info,
 )
 from qwen2_megatron.checkpoint.optimizer_shards import restore_optimizer_state, sharded_optimizer_state
+from qwen2_megatron.checkpoint.save_strategy import save_strategy
 from qwen2_megatron.checkpoint.store import TRAIN_STATE
 from qwen2_megatron.model.shape import Qwen2Shape
 from qwen2_megatron.parallel.layout import ParallelLayout
@@ -60,13 +58,6 @@ def _sharded_state(chunks: list[torch.nn.Module], optimizer: Any, is_loading: bo
     state = sharded_model_state(chunks)
     state["optimizer"] = sharded_optimizer_state(optimizer, state, is_loading)
     return state
-
-
-def _save_strategy(threads: int) -> FullyParallelSaveStrategyWrapper:
-    """torch_dist, each rank writing `threads` files in parallel, with the writing of what
-    data-parallel ranks hold alike spread over them."""
-    group = parallel_state.get_data_parallel_group(with_context_parallel=True)
-    return FullyParallelSaveStrategyWrapper(TorchDistSaveShardedStrategy(thread_count=threads), group)
 
 
 def _load_strategy(fully_parallel: bool) -> TorchDistLoadShardedStrategy | FullyParallelLoadStrategyWrapper:
@@ -103,7 +94,7 @@ def save_training(
     request = dist_checkpointing.save(
         _sharded_state(chunks, optimizer, is_loading=False),
         str(path),
-        sharded_strategy=_save_strategy(threads),
+        sharded_strategy=save_strategy(threads),
         async_sharded_save=asynchronous,
         async_strategy=ASYNC_STRATEGY,
     )
