@@ -34,6 +34,8 @@ def test_two_ranks_report_save_async_load_and_checksums(tmp_path: Path, async_co
     )
     assert size and float(size.group(1)) > 0, out
     assert re.search(r"ratio\s+[\d.]+x of the raw write speed \(median of the 2 save/raw pairs", out), out
+    assert re.search(r"^raw write, 4 files\s+[\d.]+ s  -> [\d.]+ GB/s", out, re.MULTILINE), out
+    assert re.search(r"^ratio to that\s+[\d.]+x \(median", out, re.MULTILINE), out
     for label in ("checkpoint save", "raw write \\+ fsync", "training step", "async save", "step triggering save",
                   "load", "load, fully parallel", "verify checksums"):
         assert re.search(rf"^{label}\s+[-+\d.]", out, re.MULTILINE), (label, out)

@@ -14,8 +14,10 @@ page faults in the step that triggers a save against a plain step's: megatron's 
 process, which shares the trainer's memory copy-on-write, so every page of host memory the step
 writes while the writer lives is first copied); and, right after each
 synchronous save, a plain sequential write of the same number of bytes with fsync on the same
-disk. The save's speed is given as the median of those pairs' ratios, since a disk's speed drifts
-between one pair and the next. Then loads of the last synchronous checkpoint (model + optimizer,
+disk, and the same bytes written into as many files at once as the save writes (ranks x write
+threads; a disk or a parallel file system may take several streams faster than one). The save's
+speed is given as the median of its ratios to those writes, since a disk's speed drifts between
+one pair and the next. Then loads of the last synchronous checkpoint (model + optimizer,
 as a resume does), with every rank reading all the weights and with
 checkpoint.fully_parallel_load (the weights' reading spread over the data-parallel ranks, then
 exchanged), the bytes rank 0 read (/proc/self/io rchar: page-cache hits included), and the
@@ -35,23 +37,32 @@ import shutil
 import statistics
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
 from qwen2_megatron.checkpoint.config import CheckpointConfig
 
 
-def raw_write(path: Path, nbytes: int) -> float:
-    """Seconds for one sequential write of nbytes (8 MiB blocks) followed by fsync."""
+def raw_write(path: Path, nbytes: int, streams: int = 1) -> float:
+    """Seconds for nbytes written sequentially (8 MiB blocks) into `streams` files at once, one
+    thread each (file writes release the GIL), each file then fsync'd."""
     block = os.urandom(8 << 20)
+    blocks = max(streams, nbytes // len(block))
+
+    def write(index: int) -> None:
+        with open(f"{path}.{index}", "wb") as f:
+            for _ in range(blocks // streams + (index < blocks % streams)):
+                f.write(block)
+            f.flush()
+            os.fsync(f.fileno())
+
     start = time.perf_counter()
-    with open(path, "wb") as f:
-        for _ in range(max(1, nbytes // len(block))):
-            f.write(block)
-        f.flush()
-        os.fsync(f.fileno())
+    with ThreadPoolExecutor(streams) as pool:
+        list(pool.map(write, range(streams)))
     seconds = time.perf_counter() - start
-    path.unlink()
+    for index in range(streams):
+        os.unlink(f"{path}.{index}")
     return seconds
 
 
@@ -130,7 +141,7 @@ def save_rank(directory: str, preset: str, layers: int, repeats: int, seq: int, 
         times: dict[str, list[float]] = {"step": [train_step() for _ in range(repeats)]}
         times["step_faults"] = faults[-repeats:]
         models = [c.module for c in chunks]
-        times["sync_save"], times["raw_write"], times["bytes"] = [], [], []
+        times["sync_save"], times["raw_write"], times["raw_write_parallel"], times["bytes"] = [], [], [], []
         for step in range(1, repeats + 1):
             dist.barrier()
             start = time.perf_counter()
@@ -140,6 +151,8 @@ def save_rank(directory: str, preset: str, layers: int, repeats: int, seq: int, 
             if dist.get_rank() == 0:  # the same bytes written plainly, between the saves (disks drift)
                 times["bytes"].append(sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file()))
                 times["raw_write"].append(raw_write(Path(directory) / "raw.bin", times["bytes"][-1]))
+                streams = dist.get_world_size() * write_threads  # as many files at once as the save writes
+                times["raw_write_parallel"].append(raw_write(Path(directory) / "raw.bin", times["bytes"][-1], streams))
             dist.barrier()
         for key in ("async_blocking", "step_while_writing", "step_while_writing_faults", "async_total",
                     "steps_while_writing", "async_cost"):
@@ -234,6 +247,8 @@ def main() -> None:
         best = {key: min(values) for key, values in times.items()}
         nbytes, raw_s, save_s = best["bytes"], best["raw_write"], best["sync_save"]
         ratios = sorted(raw / save for raw, save in zip(times["raw_write"], times["sync_save"]))
+        parallel_ratios = sorted(raw / save for raw, save in zip(times["raw_write_parallel"], times["sync_save"]))
+        streams = args.nproc * args.write_threads
         slowed = (best["async_blocking"] + best["step_while_writing"]) / best["step"] - 1
         print(f"checkpoint size       {nbytes / 2**30:.2f} GiB ({args.layers}-layer {args.preset} shape, "
               f"model + Adam, {args.nproc} ranks, {args.write_threads} files per rank written in parallel); "
@@ -242,6 +257,11 @@ def main() -> None:
         print(f"raw write + fsync     {raw_s:.2f} s  -> {nbytes / raw_s / 1e9:.2f} GB/s")
         print(f"ratio                 {statistics.median(ratios):.2f}x of the raw write speed (median of the "
               f"{len(ratios)} save/raw pairs, range {ratios[0]:.2f}-{ratios[-1]:.2f}x)")
+        print(f"{f'raw write, {streams} files':<22}{best['raw_write_parallel']:.2f} s  -> "
+              f"{nbytes / best['raw_write_parallel'] / 1e9:.2f} GB/s (as many files at once as the save writes, "
+              "one thread each, fsync'd)")
+        print(f"ratio to that         {statistics.median(parallel_ratios):.2f}x (median, range "
+              f"{parallel_ratios[0]:.2f}-{parallel_ratios[-1]:.2f}x)")
         threads = f"{args.threads} CPU threads per rank" if args.threads else "torch's default CPU threads"
         print(f"training step         {best['step']:.2f} s ({args.precision}, {args.micro_batches} micro-batch(es) of "
               f"seq {args.seq}, {threads})")
