@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parent.parent
 TOOL = REPO / "tools" / "bench_throughput.py"
 sys.path.insert(0, str(TOOL.parent))
 
-from bench_throughput import parse_args, trainer_config  # noqa: E402
+from bench_throughput import parse_args, summarize_file, trainer_config  # noqa: E402
 
 
 def test_cpu_tiny_reports_both_sides(tmp_path: Path) -> None:
@@ -122,3 +122,20 @@ def test_pure_bf16_trains_like_transformers(tmp_path: Path, clip: str) -> None:
     print(f"ours {ours}\nhf   {hf}")
     assert len(ours) == len(hf) == 16 and hf[-1] < hf[0] - 0.4
     assert max(abs(a - b) for a, b in zip(ours, hf)) <= 1e-2
+
+
+def test_summary_table_keeps_its_columns_for_long_case_names(tmp_path: Path) -> None:
+    side = {"tokens_per_s": 21892.0, "mfu": 0.205, "peak_memory_gib": 94.4}
+    records = [
+        {"case": "qwen2_57b_a14b-2L-grouped-purebf16", "device_name": "NVIDIA H200", "micro_batch": 1,
+         "ours": side, "hf": side, "ratio": {"tokens_per_s": 1.0}},
+        {"case": "qwen2_0.5b", "device_name": "NVIDIA H200", "micro_batch": 4, "ours": side, "hf": None},
+        {"case": "qwen2_7b-8L", "skipped": "12s of the budget left"},
+    ]
+    path = tmp_path / "bench.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    header, long, short, skipped = summarize_file(path).splitlines()
+    column = header.index("card")
+    assert long.index("H200") == short.index("H200") == column
+    assert long[:column].rstrip() == "qwen2_57b_a14b-2L-grouped-purebf16"
+    assert skipped[column:] == "12s of the budget left"

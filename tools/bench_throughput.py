@@ -494,7 +494,9 @@ def print_table(record: dict[str, Any]) -> None:
 
 def summarize_file(path: Path) -> str:
     """A compact table of the JSON lines in `path` (bench records, and {"case", "skipped"/"timed_out_s"})."""
-    lines = [f"{'case':<22}{'card':<10}{'mbs':>4}  {'ours tok/s':>11}{'MFU':>7}{'GiB':>7}  "
+    records = [json.loads(raw) for raw in Path(path).read_text().splitlines() if raw.strip()]
+    width = max([22, *(len(r.get("case", "?")) + 2 for r in records)])
+    lines = [f"{'case':<{width}}{'card':<10}{'mbs':>4}  {'ours tok/s':>11}{'MFU':>7}{'GiB':>7}  "
              f"{'hf tok/s':>11}{'MFU':>7}{'GiB':>7}  {'ours/hf':>8}"]
 
     def side(result: dict | None) -> str:
@@ -505,18 +507,15 @@ def summarize_file(path: Path) -> str:
         return (f"{result['tokens_per_s']:>11,.0f}{_fmt(result['mfu'], '.1%'):>7}"
                 f"{result['peak_memory_gib']:>7.1f}")
 
-    for raw in Path(path).read_text().splitlines():
-        if not raw.strip():
-            continue
-        r = json.loads(raw)
+    for r in records:
         if "ours" not in r and "hf" not in r:
             why = f"timed out after {r['timed_out_s']} s" if "timed_out_s" in r else r.get("skipped", "no result")
-            lines.append(f"{r.get('case', '?'):<22}{why}")
+            lines.append(f"{r.get('case', '?'):<{width}}{why}")
             continue
         card = r["device_name"].replace("NVIDIA ", "")[:9]
         ratio = r.get("ratio", {}).get("tokens_per_s")
-        lines.append(f"{r['case']:<22}{card:<10}{r['micro_batch']:>4}  {side(r.get('ours'))}  {side(r.get('hf'))}  "
-                     f"{_fmt(ratio, '.3f'):>8}")
+        lines.append(f"{r['case']:<{width}}{card:<10}{r['micro_batch']:>4}  {side(r.get('ours'))}  "
+                     f"{side(r.get('hf'))}  {_fmt(ratio, '.3f'):>8}")
     return "\n".join(lines)
 
 

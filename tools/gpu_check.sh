@@ -12,14 +12,15 @@
 # Python: the argument (a venv directory or an interpreter), else .venv/bin/python, else python3.
 # Wheels in .whl/ are installed offline into /tmp/site (--no-deps) and put on PYTHONPATH.
 # Everything goes to $OUT (default /tmp/gpu_check_out): gpu_check.log, parity.json, bench.jsonl,
-# summary.txt, and profile_7b-8L.{ours,hf}.txt (torch.profiler's kernel table of 2 steps of each
-# side). Knobs (environment): GPU_CHECK_BUDGET_S (default 450: seconds for all cases after the
-# pre-flight; a case that would start with under 45 s left is skipped), WARMUP (3), STEPS (8),
+# summary.txt, and profile_7b-8L.{ours,hf}.txt and profile_moe.{ours,hf}.txt (torch.profiler's
+# kernel table of 2 steps of each side, in the 7b and moe cases). Knobs (environment):
+# GPU_CHECK_BUDGET_S (default 450: seconds for all cases after the pre-flight; a case that would
+# start with under 45 s left is skipped), WARMUP (3), STEPS (8),
 # MBS_05B / MBS_15B / MBS_7B / MOE_LAYERS (default by GPU memory, see below), FAST (the overrides
 # of "ours" beside hf in the 1.5b, 7b and 0.5b cases; default compiled layers + compiled fused LM loss),
 # CASES (default "parity 7b 1.5b ckpt 7b-sameinit 7b-autocast moe 0.5b", run in order while the
 # budget lasts; also 7b-fusion, 7b-liger, 7b-liger-fusion, 1.5b-fusion, 1.5b-plain, 1.5b-liger,
-# ckpt-1thread, ckpt-atsave, 7b-pure, 7b-pure-mbs, 1.5b-pure, 0.5b-pure):
+# ckpt-1thread, ckpt-atsave, 7b-pure, 7b-pure-mbs, 1.5b-pure, 0.5b-pure, moe-pure):
 # 1.5b-plain and 1.5b-liger train ours alone on the plain path, or with the Liger kernels + fused
 # LM loss; moe is hf beside ours with the fused LM loss and grouped-GEMM experts; 1.5b-fusion and
 # 7b-fusion train ours alone with FAST + train.grad_accum_fusion; 7b-liger and 7b-liger-fusion
@@ -33,7 +34,7 @@
 # compare step by step; 7b-autocast is hf with fp32 master weights under bf16 autocast, the
 # numerics ours has, instead of pure bf16; 7b-pure, 1.5b-pure and 0.5b-pure train ours beside hf
 # with optim.fp32_master_weights=false (pure bf16, transformers' numerics and 8 bytes per parameter),
-# 7b-pure-mbs ours alone so at twice the 7b micro-batch).
+# 7b-pure-mbs ours alone so at twice the 7b micro-batch, moe-pure the moe case so).
 # GPU_CHECK_CPU_SMOKE=1 runs the same plumbing on CPU with tiny models and 64-token sequences (to
 # test this script without a GPU; the numbers mean nothing). Results so far: tools/GPU_RESULTS.md.
 set -uo pipefail
@@ -175,7 +176,10 @@ EOF
                     --label qwen2_0.5b-fast ;;
             moe) run_case "qwen2_57b_a14b-${moe_layers}L" 150 "$t0" "$py" "${bench[@]}" --preset "$pmoe" \
                     --layers "$moe_layers" --micro-batch 1 --fused-loss --override train.moe_grouped_gemm=true \
-                    --label "qwen2_57b_a14b-${moe_layers}L-grouped" ;;
+                    --profile "$OUT/profile_moe" --label "qwen2_57b_a14b-${moe_layers}L-grouped" ;;
+            moe-pure) run_case "qwen2_57b_a14b-${moe_layers}L-pure" 150 "$t0" "$py" "${bench[@]}" --preset "$pmoe" \
+                    --layers "$moe_layers" --micro-batch 1 --fused-loss --override train.moe_grouped_gemm=true \
+                    "${pure[@]}" --label "qwen2_57b_a14b-${moe_layers}L-grouped-purebf16" ;;
             *) echo "unknown case $case" ;;
         esac
     done
