@@ -100,3 +100,40 @@ def test_training_save_writes_the_trainers_memory_uncopied(tmp_path: Path, preci
     assert written > 10
     assert outside == 0, f"{outside} of {written} shards are not the trainer's memory but copies of it"
     assert differ == 0, f"{differ} tensors differ from the saved state after loading the checkpoint back"
+
+
+def model_save_copies(directory: str) -> tuple[int, int]:
+    """One rank: a model-only save as qwen2-convert import writes it (no DDP, fused fc1 weights);
+    the tensors megatron-core's writer prepared, and those of them outside the model's memory."""
+    from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
+
+    from qwen2_megatron.checkpoint.model_checkpoint import save_model
+    from qwen2_megatron.model.builder import build_model
+    from qwen2_megatron.model.presets import get_preset
+    from qwen2_megatron.parallel.layout import ParallelLayout
+    from qwen2_megatron.parallel.runtime import init_runtime, shutdown_runtime
+
+    shape = get_preset("tiny")
+    runtime = init_runtime(ParallelLayout())
+    try:
+        chunks = build_model(shape, runtime.layout, "bf16", local_spec=True)
+        memory = [(p.untyped_storage().data_ptr(), p.untyped_storage().data_ptr() + p.untyped_storage().nbytes())
+                  for chunk in chunks for p in chunk.parameters()]
+        written: list[torch.Tensor] = []
+        prepare = FileSystemWriterAsync.prepare_write_data
+
+        def observed(writer: FileSystemWriterAsync, plan: object, planner: object) -> None:
+            prepare(writer, plan, planner)
+            written.extend(tensor for _, _, (_, tensors) in writer.write_buckets for _, tensor in tensors)
+
+        FileSystemWriterAsync.prepare_write_data = observed
+        save_model(chunks, directory, shape, runtime.layout, "bf16")
+        return len(written), sum(not any(lo <= t.data_ptr() < hi for lo, hi in memory) for t in written)
+    finally:
+        shutdown_runtime()
+
+
+def test_model_save_writes_the_models_memory_uncopied(tmp_path: Path) -> None:
+    written, outside = spawn(model_save_copies, 1, str(tmp_path / "model"))[0]
+    assert written > 10
+    assert outside == 0, f"{outside} of {written} shards are copies (the fused fc1 halves are views)"

@@ -19,7 +19,9 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.strategies.filesystem_async import get_write_results_queue
 
+from qwen2_megatron.checkpoint.config import CheckpointConfig
 from qwen2_megatron.checkpoint.location import Location, location
+from qwen2_megatron.checkpoint.save_strategy import save_strategy
 from qwen2_megatron.checkpoint.validate import verify_checksums_collectively
 from qwen2_megatron.model.shape import Qwen2Shape
 from qwen2_megatron.parallel.layout import ParallelLayout
@@ -61,7 +63,8 @@ def save_model(
         path.mkdir(parents=True, exist_ok=True)
     dist.barrier()
     start_write_results_server()
-    dist_checkpointing.save(sharded_model_state(chunks), str(path))
+    strategy = save_strategy(CheckpointConfig.write_threads)
+    dist_checkpointing.save(sharded_model_state(chunks), str(path), sharded_strategy=strategy)
     if dist.get_rank() == 0:
         write_info(path, shape, layout, precision)
     dist.barrier()
