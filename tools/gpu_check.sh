@@ -18,9 +18,10 @@
 # start with under 45 s left is skipped), WARMUP (3), STEPS (8),
 # MBS_05B / MBS_15B / MBS_7B / MOE_LAYERS (default by GPU memory, see below), FAST (the overrides
 # of "ours" beside hf in the 1.5b, 7b and 0.5b cases; default compiled layers + compiled fused LM loss),
-# CASES (default "parity 7b 1.5b ckpt 7b-sameinit 7b-autocast moe 0.5b", run in order while the
-# budget lasts; also 7b-fusion, 7b-liger, 7b-liger-fusion, 1.5b-fusion, 1.5b-plain, 1.5b-liger,
-# ckpt-1thread, ckpt-atsave, 7b-pure, 7b-pure-mbs, 1.5b-pure, 0.5b-pure, moe-pure):
+# CASES (run in order while the budget lasts; default "7b-pure 1.5b-pure ckpt moe-pure moe
+# ckpt-atsave 0.5b-pure 7b-pure-mbs parity": what no GPU has measured yet, most wanted first, see
+# tools/GPU_RESULTS.md; also 7b, 1.5b, 0.5b, 7b-sameinit, 7b-autocast, 7b-fusion, 7b-liger,
+# 7b-liger-fusion, 1.5b-fusion, 1.5b-plain, 1.5b-liger, ckpt-1thread):
 # 1.5b-plain and 1.5b-liger train ours alone on the plain path, or with the Liger kernels + fused
 # LM loss; moe is hf beside ours with the fused LM loss and grouped-GEMM experts; 1.5b-fusion and
 # 7b-fusion train ours alone with FAST + train.grad_accum_fusion; 7b-liger and 7b-liger-fusion
@@ -59,7 +60,7 @@ mkdir -p "$OUT"
 BUDGET_S=${GPU_CHECK_BUDGET_S:-450}
 WARMUP=${WARMUP:-3}
 STEPS=${STEPS:-8}
-CASES=${CASES:-parity 7b 1.5b ckpt 7b-sameinit 7b-autocast moe 0.5b}
+CASES=${CASES:-7b-pure 1.5b-pure ckpt moe-pure moe ckpt-atsave 0.5b-pure 7b-pure-mbs parity}
 read -r -a FAST <<< "${FAST:-train.compile=layers train.fused_lm_loss=true train.fused_lm_loss_compile=true}"
 SMOKE=${GPU_CHECK_CPU_SMOKE:-0}
 
