@@ -12,12 +12,13 @@ as the trainer's loop does, until the background writer has finished and the sav
 the time that took beyond as many plain steps is what a save costs training; and rank 0's minor
 page faults in the step that triggers a save against a plain step's: megatron's writer is a forked
 process, which shares the trainer's memory copy-on-write, so every page of host memory the step
-writes while the writer lives is first copied); and, right after each
+writes while the writer lives is first copied); and, beside each
 synchronous save, a plain sequential write of the same number of bytes with fsync on the same
 disk, and the same bytes written into as many files at once as the save writes (ranks x write
-threads; a disk or a parallel file system may take several streams faster than one). The save's
-speed is given as the median of its ratios to those writes, since a disk's speed drifts between
-one pair and the next. Then loads of the last synchronous checkpoint (model + optimizer,
+threads; a disk or a parallel file system may take several streams faster than one), the three
+in an order that rotates from one repetition to the next (this disk wrote slower right after
+gigabytes of other writes). The save's speed is given as the median of its ratios to those
+writes, since a disk's speed drifts between one repetition and the next. Then loads of the last synchronous checkpoint (model + optimizer,
 as a resume does), with every rank reading all the weights and with
 checkpoint.fully_parallel_load (the weights' reading spread over the data-parallel ranks, then
 exchanged), the bytes rank 0 read (/proc/self/io rchar: page-cache hits included), and the
@@ -142,17 +143,23 @@ def save_rank(directory: str, preset: str, layers: int, repeats: int, seq: int, 
         times["step_faults"] = faults[-repeats:]
         models = [c.module for c in chunks]
         times["sync_save"], times["raw_write"], times["raw_write_parallel"], times["bytes"] = [], [], [], []
+        streams = dist.get_world_size() * write_threads  # as many files at once as the save writes
+        tasks = ["sync_save", "raw_write", "raw_write_parallel"]
         for step in range(1, repeats + 1):
-            dist.barrier()
-            start = time.perf_counter()
-            path = sync.save(step, models, optimizer, {"step": step})
-            times["sync_save"].append(time.perf_counter() - start)
-            sync.wait()  # retention deletes in the background
-            if dist.get_rank() == 0:  # the same bytes written plainly, between the saves (disks drift)
-                times["bytes"].append(sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file()))
-                times["raw_write"].append(raw_write(Path(directory) / "raw.bin", times["bytes"][-1]))
-                streams = dist.get_world_size() * write_threads  # as many files at once as the save writes
-                times["raw_write_parallel"].append(raw_write(Path(directory) / "raw.bin", times["bytes"][-1], streams))
+            # The same bytes written plainly beside each save (disks drift), in a rotating order: a
+            # disk slows down after gigabytes written, so a fixed order would favour one of them.
+            shift = (step - 1) % len(tasks)
+            for task in tasks[shift:] + tasks[:shift]:
+                dist.barrier()
+                if task == "sync_save":
+                    start = time.perf_counter()
+                    path = sync.save(step, models, optimizer, {"step": step})
+                    times["sync_save"].append(time.perf_counter() - start)
+                    sync.wait()  # retention deletes in the background
+                    times["bytes"].append(sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file()))
+                elif dist.get_rank() == 0:
+                    times[task].append(raw_write(Path(directory) / "raw.bin", times["bytes"][-1],
+                                                 streams if task == "raw_write_parallel" else 1))
             dist.barrier()
         for key in ("async_blocking", "step_while_writing", "step_while_writing_faults", "async_total",
                     "steps_while_writing", "async_cost"):
