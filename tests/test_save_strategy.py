@@ -32,6 +32,15 @@ def test_exact_storage_is_the_same_memory_holding_only_its_bytes(dtype: torch.dt
     assert exact_storage(transposed) is transposed  # left to megatron-core's clone
 
 
+def _copies(buckets: list, owners: list[torch.Tensor]) -> tuple[int, int]:
+    """The tensors in megatron-core write buckets, and how many of them lie outside the storages
+    of `owners` (copies of their memory rather than the memory itself)."""
+    spans = [(t.untyped_storage().data_ptr(), t.untyped_storage().data_ptr() + t.untyped_storage().nbytes())
+             for t in owners]
+    written = [tensor for _, _, (_, tensors) in buckets for _, tensor in tensors]
+    return len(written), sum(not any(lo <= t.data_ptr() < hi for lo, hi in spans) for t in written)
+
+
 def save_from_trainer_memory(directory: str, precision: str) -> tuple[int, int, int]:
     """One rank: train a step, start an asynchronous training save, and count the tensors its
     writer was given and those of them outside the memory of the model and the optimizer (the
@@ -67,29 +76,24 @@ def save_from_trainer_memory(directory: str, precision: str) -> tuple[int, int, 
             forward_backward(chunks, [batch])
             optimizer.step()
 
-        def state() -> list[torch.Tensor]:
+        def trainer_tensors() -> list[torch.Tensor]:
             stepped, states = adam_tensors(optimizer)
-            return [t.detach().clone() for t in [*(p for c in chunks for p in c.module.parameters()), *stepped, *states]]
+            return [*(p.detach() for c in chunks for p in c.module.parameters()), *stepped, *states]
 
         step()
         models = [c.module for c in chunks]
-        memory = [
-            (t.untyped_storage().data_ptr(), t.untyped_storage().data_ptr() + t.untyped_storage().nbytes())
-            for t in [*(p for c in chunks for p in c.module.parameters()), *sum(adam_tensors(optimizer), [])]
-        ]
         path = location(directory)
         path.mkdir(parents=True)
         request = save_training(path, models, optimizer, shape, runtime.layout, precision, {"step": 1},
                                 asynchronous=True, threads=2)
-        written = [tensor for _, _, (_, tensors) in request.async_fn_args[1] for _, tensor in tensors]
-        outside = sum(not any(lo <= t.data_ptr() < hi for lo, hi in memory) for t in written)
-        saved = state()
+        written, outside = _copies(request.async_fn_args[1], trainer_tensors())
+        saved = [t.clone() for t in trainer_tensors()]
         request.execute_sync()
         step()
         load_training(path, models, optimizer, shape, runtime.layout)
-        differ = sum(not torch.equal(a, b) for a, b in zip(saved, state(), strict=True))
+        differ = sum(not torch.equal(a, b) for a, b in zip(saved, trainer_tensors(), strict=True))
         dist.barrier()
-        return len(written), outside, differ
+        return written, outside, differ
     finally:
         shutdown_runtime()
 
@@ -117,18 +121,16 @@ def model_save_copies(directory: str) -> tuple[int, int]:
     runtime = init_runtime(ParallelLayout())
     try:
         chunks = build_model(shape, runtime.layout, "bf16", local_spec=True)
-        memory = [(p.untyped_storage().data_ptr(), p.untyped_storage().data_ptr() + p.untyped_storage().nbytes())
-                  for chunk in chunks for p in chunk.parameters()]
-        written: list[torch.Tensor] = []
+        buckets: list = []
         prepare = FileSystemWriterAsync.prepare_write_data
 
         def observed(writer: FileSystemWriterAsync, plan: object, planner: object) -> None:
             prepare(writer, plan, planner)
-            written.extend(tensor for _, _, (_, tensors) in writer.write_buckets for _, tensor in tensors)
+            buckets.extend(writer.write_buckets)
 
         FileSystemWriterAsync.prepare_write_data = observed
         save_model(chunks, directory, shape, runtime.layout, "bf16")
-        return len(written), sum(not any(lo <= t.data_ptr() < hi for lo, hi in memory) for t in written)
+        return _copies(buckets, [p.detach() for chunk in chunks for p in chunk.parameters()])
     finally:
         shutdown_runtime()
 

@@ -18,8 +18,9 @@ disk, and the same bytes written into as many files at once as the save writes (
 threads; a disk or a parallel file system may take several streams faster than one), the three
 in an order that rotates from one repetition to the next (this disk wrote slower right after
 gigabytes of other writes). The save's speed is given as the median of its ratios to those
-writes, since a disk's speed drifts between one repetition and the next. Then loads of the last synchronous checkpoint (model + optimizer,
-as a resume does), with every rank reading all the weights and with
+writes, since a disk's speed drifts between one repetition and the next. Then loads of the last
+synchronous checkpoint (model + optimizer, as a resume does), with every rank reading all the
+weights and with
 checkpoint.fully_parallel_load (the weights' reading spread over the data-parallel ranks, then
 exchanged), the bytes rank 0 read (/proc/self/io rchar: page-cache hits included), and the
 verification of the shards' checksums that a resume runs first (each rank its share of the files).

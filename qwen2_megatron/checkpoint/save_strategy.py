@@ -7,9 +7,10 @@ that is a view of a larger one before writing it. Every shard of a training stat
 on a CPU first copied all of it into freshly allocated memory: 56% of a synchronous save's time
 (py-spy of tools/bench_checkpoint.py) and, for an asynchronous one, most of the time it blocks
 training. A model-only save (qwen2-convert import) has views too: the gate and up halves of each
-fused fc1 weight, about half the bytes of a large Qwen2 (53% of 72B's). Here each such tensor is handed over instead as a tensor over a slice of its storage:
-the same memory, holding exactly its bytes, which torch.save writes as they are. GPU tensors are
-not touched: megatron-core's copy to host memory (or checkpoint.async_copy's) makes new ones.
+fused fc1 weight, about half the bytes of a large Qwen2 (53% of 72B's). Here each such tensor is
+handed over instead as a tensor over a slice of its storage: the same memory, holding exactly its
+bytes, which torch.save writes as they are. GPU tensors are not touched: megatron-core's copy to
+host memory (or checkpoint.async_copy's) makes new ones.
 """
 
 from __future__ import annotations
@@ -43,7 +44,9 @@ class _ExactStorageSaveStrategy(FullyParallelSaveStrategyWrapper):
     def save(self, sharded_state_dict: ShardedStateDict, checkpoint_dir: Path) -> None:
         super().save(_with_exact_storage(sharded_state_dict), checkpoint_dir)
 
-    def async_save(self, sharded_state_dict: ShardedStateDict, checkpoint_dir: Path, async_strategy: str = "nvrx") -> Any:
+    def async_save(
+        self, sharded_state_dict: ShardedStateDict, checkpoint_dir: Path, async_strategy: str = "nvrx"
+    ) -> Any:
         return super().async_save(_with_exact_storage(sharded_state_dict), checkpoint_dir, async_strategy)
 
 
