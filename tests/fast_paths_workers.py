@@ -31,13 +31,14 @@ class Variant:
 
 @dataclass(frozen=True)
 class Case:
-    """A layout, a model shape (Qwen2Shape fields over a small base) and sequence length, and the
-    variants measured there."""
+    """A layout, a model shape (Qwen2Shape fields over a small base), build_model arguments of the
+    plain model and every variant, and sequence length, and the variants measured there."""
 
     layout: Any
     variants: list[Variant]
     shape: dict[str, Any] = field(default_factory=dict)
     seq: int = 16
+    build: dict[str, Any] = field(default_factory=dict)
 
 
 def _shape(**fields: Any) -> Any:
@@ -90,8 +91,22 @@ class _Counting:
         return counted
 
 
+def compiled_layers(layers: Any) -> int:
+    """Decoder layers compiled whole (dense) or in all their compiled parts (MoE: the attention
+    block, the pre-MLP norm, the shared expert and the grouped experts' activation)."""
+
+    def compiled(layer: Any) -> bool:
+        if not getattr(layer, "is_moe_layer", False):
+            return getattr(layer, "_compiled_call_impl", None) is not None
+        own, mlp = vars(layer), layer.mlp
+        return ("_forward_attention" in own and "_forward_pre_mlp_layernorm" in own and "activation" in vars(mlp.experts)
+                and mlp.shared_experts._compiled_call_impl is not None)
+
+    return sum(compiled(layer) for layer in layers)
+
+
 def _variant(shape: Any, layout: Any, reference: dict[str, Tensor], batches: list, variant: Variant,
-             counting: _Counting) -> dict[str, Any]:
+             counting: _Counting, build: dict[str, Any]) -> dict[str, Any]:
     from qwen2_megatron.model import local_modules
     from qwen2_megatron.model.builder import build_model
     from qwen2_megatron.model.fast_paths import FastPaths
@@ -99,7 +114,7 @@ def _variant(shape: Any, layout: Any, reference: dict[str, Tensor], batches: lis
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     before = dict(counting.calls)
-    chunks = build_model(shape, layout, fast=FastPaths(variant.liger, variant.compile), **variant.overrides)
+    chunks = build_model(shape, layout, fast=FastPaths(variant.liger, variant.compile), **build, **variant.overrides)
     chunks[0].load_state_dict(reference, strict=True)
     modules = list(chunks[0].modules())
     swapped = {
@@ -107,7 +122,7 @@ def _variant(shape: Any, layout: Any, reference: dict[str, Tensor], batches: lis
         "swiglu": sum(isinstance(m, local_modules.LigerSwiGLUMLP) for m in modules),
         "rope": sum(isinstance(m, local_modules.LigerRopeSelfAttention) for m in modules),
     }
-    compiled = sum(getattr(layer, "_compiled_call_impl", None) is not None for layer in chunks[0].decoder.layers)
+    compiled = compiled_layers(chunks[0].decoder.layers)
     losses, grads = _train_pass(chunks, batches)
     breaks = dict(torch._dynamo.utils.counters["graph_break"])
     return {
@@ -165,9 +180,7 @@ def _trainer_run(cfg: Any, counting: _Counting) -> dict[str, Any]:
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     trainer = Trainer(cfg)
-    compiled = sum(
-        getattr(layer, "_compiled_call_impl", None) is not None for layer in trainer.model[0].module.decoder.layers
-    )
+    compiled = compiled_layers(trainer.model[0].module.decoder.layers)
     losses = [r["loss"] for r in trainer.train()]
     breaks = dict(torch._dynamo.utils.counters["graph_break"])
     return {"losses": losses, "compiled": compiled, "graph_breaks": {str(k)[:300]: v for k, v in breaks.items()},
@@ -191,7 +204,7 @@ def fast_paths_rank(cases: dict[str, Case], trainer_cfgs: dict[str, Any]) -> dic
         shape = _shape(**case.shape)
         runtime = init_runtime(case.layout)
         batches = _batches(parallel_state.get_data_parallel_rank(), case.seq)
-        chunks = build_model(shape, runtime.layout)
+        chunks = build_model(shape, runtime.layout, **case.build)
         gen = torch.Generator().manual_seed(5)  # the same on every rank: replicated norms stay equal
         with torch.no_grad():
             for pname, param in chunks[0].named_parameters():
@@ -202,7 +215,7 @@ def fast_paths_rank(cases: dict[str, Case], trainer_cfgs: dict[str, Any]) -> dic
         per_variant = {}
         for variant in case.variants:
             t0 = time.perf_counter()
-            got = _variant(shape, runtime.layout, reference, batches, variant, counting)
+            got = _variant(shape, runtime.layout, reference, batches, variant, counting, case.build)
             results["seconds"][f"{name}/{variant.name}"] = time.perf_counter() - t0
             grad_diff = max((got["grads"][n] - g).abs().max().item() for n, g in plain_grads.items())
             per_variant[variant.name] = {
@@ -214,7 +227,7 @@ def fast_paths_rank(cases: dict[str, Case], trainer_cfgs: dict[str, Any]) -> dic
                 "same_names": sorted(got["grads"]) == sorted(plain_grads),
             }
         # the spec of a plain build after fast ones: nothing left over from them
-        modules = list(build_model(shape, runtime.layout)[0].modules())
+        modules = list(build_model(shape, runtime.layout, **case.build)[0].modules())
         per_variant["plain_after"] = {
             "fast_modules": sum(type(m).__name__.startswith("Liger") for m in modules),
             "compiled": sum(getattr(m, "_compiled_call_impl", None) is not None for m in modules),

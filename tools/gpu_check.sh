@@ -17,13 +17,14 @@
 # GPU_CHECK_BUDGET_S (default 450: seconds for all cases after the pre-flight; a case that would
 # start with under 45 s left is skipped), WARMUP (3), STEPS (8),
 # MBS_05B / MBS_15B / MBS_7B / MOE_LAYERS (default by GPU memory, see below), FAST (the overrides
-# of "ours" beside hf in the 1.5b, 7b and 0.5b cases; default compiled layers + compiled fused LM loss),
+# of "ours" beside hf in the 1.5b, 7b, 0.5b and moe cases; default compiled layers + compiled fused LM loss),
 # CASES (run in order while the budget lasts; default "7b-pure 1.5b-pure ckpt moe-pure moe
-# ckpt-atsave 0.5b-pure 7b-pure-mbs parity": what no GPU has measured yet, most wanted first, see
+# moe-eager ckpt-atsave 0.5b-pure 7b-pure-mbs parity": what no GPU has measured yet, most wanted first, see
 # tools/GPU_RESULTS.md; also 7b, 1.5b, 0.5b, 7b-sameinit, 7b-autocast, 7b-fusion, 7b-liger,
 # 7b-liger-fusion, 1.5b-fusion, 1.5b-plain, 1.5b-liger, ckpt-1thread):
 # 1.5b-plain and 1.5b-liger train ours alone on the plain path, or with the Liger kernels + fused
-# LM loss; moe is hf beside ours with the fused LM loss and grouped-GEMM experts; 1.5b-fusion and
+# LM loss; moe is hf beside ours with FAST and grouped-GEMM experts (MoE layers compiled in parts),
+# moe-eager ours alone so without compiling (the fused LM loss and grouped experts only); 1.5b-fusion and
 # 7b-fusion train ours alone with FAST + train.grad_accum_fusion; 7b-liger and 7b-liger-fusion
 # train ours alone with the Liger kernels + fused LM loss, without and with
 # train.grad_accum_fusion; ckpt is tools/bench_checkpoint.py with one rank on the GPU
@@ -60,7 +61,7 @@ mkdir -p "$OUT"
 BUDGET_S=${GPU_CHECK_BUDGET_S:-450}
 WARMUP=${WARMUP:-3}
 STEPS=${STEPS:-8}
-CASES=${CASES:-7b-pure 1.5b-pure ckpt moe-pure moe ckpt-atsave 0.5b-pure 7b-pure-mbs parity}
+CASES=${CASES:-7b-pure 1.5b-pure ckpt moe-pure moe moe-eager ckpt-atsave 0.5b-pure 7b-pure-mbs parity}
 read -r -a FAST <<< "${FAST:-train.compile=layers train.fused_lm_loss=true train.fused_lm_loss_compile=true}"
 SMOKE=${GPU_CHECK_CPU_SMOKE:-0}
 
@@ -176,11 +177,14 @@ EOF
             0.5b) run_case qwen2_0.5b 150 "$t0" "$py" "${bench[@]}" --preset "$p05" --micro-batch "$mbs05" "${fast[@]}" \
                     --label qwen2_0.5b-fast ;;
             moe) run_case "qwen2_57b_a14b-${moe_layers}L" 150 "$t0" "$py" "${bench[@]}" --preset "$pmoe" \
-                    --layers "$moe_layers" --micro-batch 1 --fused-loss --override train.moe_grouped_gemm=true \
-                    --profile "$OUT/profile_moe" --label "qwen2_57b_a14b-${moe_layers}L-grouped" ;;
+                    --layers "$moe_layers" --micro-batch 1 "${fast[@]}" --override train.moe_grouped_gemm=true \
+                    --profile "$OUT/profile_moe" --label "qwen2_57b_a14b-${moe_layers}L-grouped-fast" ;;
+            moe-eager) run_case "qwen2_57b_a14b-${moe_layers}L-eager" 100 "$t0" "$py" "${bench[@]}" --preset "$pmoe" \
+                    --layers "$moe_layers" --micro-batch 1 --only ours --fused-loss --override train.moe_grouped_gemm=true \
+                    --label "qwen2_57b_a14b-${moe_layers}L-grouped" ;;
             moe-pure) run_case "qwen2_57b_a14b-${moe_layers}L-pure" 150 "$t0" "$py" "${bench[@]}" --preset "$pmoe" \
-                    --layers "$moe_layers" --micro-batch 1 --fused-loss --override train.moe_grouped_gemm=true \
-                    "${pure[@]}" --label "qwen2_57b_a14b-${moe_layers}L-grouped-purebf16" ;;
+                    --layers "$moe_layers" --micro-batch 1 "${fast[@]}" --override train.moe_grouped_gemm=true \
+                    "${pure[@]}" --label "qwen2_57b_a14b-${moe_layers}L-grouped-fast-purebf16" ;;
             *) echo "unknown case $case" ;;
         esac
     done

@@ -4,8 +4,9 @@
   modules swapped into the layer spec (spec.py), each computing the plain path's function.
 - torch.compile of the decoder layers ("layers"): each dense TransformerLayer is compiled
   (nn.Module.compile, so parameter and checkpoint names do not change); inductor fuses the norms,
-  SwiGLU, RoPE and residual adds around the matmuls and attention. MoE layers stay eager (their
-  token dispatch is data-dependent). The embedding, output layer and loss are not compiled.
+  SwiGLU, RoPE and residual adds around the matmuls and attention. An MoE layer is compiled in
+  parts (compile_moe_layer): its token dispatch is data-dependent and megatron's router breaks
+  graphs, so those stay eager. The embedding, output layer and loss are not compiled.
 
 Both are for megatron-core's local layers: with Transformer Engine's layers (TE installed and a
 GPU) they are skipped with a notice. Without a GPU (and outside Triton's interpreter) the Liger
@@ -22,6 +23,7 @@ import torch
 from megatron.core import parallel_state
 
 from qwen2_megatron.model import liger
+from qwen2_megatron.model.grouped_experts import GroupedExperts
 
 COMPILE_MODES = ("none", "layers")
 
@@ -63,7 +65,7 @@ class FastPaths:
 
 
 def compile_decoder_layers(model: torch.nn.Module) -> int:
-    """torch.compile every dense decoder layer of a GPTModel in place; returns how many.
+    """torch.compile every decoder layer of a GPTModel in place (MoE layers in parts); returns how many.
 
     Supported where the compiled graph of a layer is whole: tensor parallel size 1 (the
     asynchronous collectives in the backward of megatron's tensor-parallel linears break it) and
@@ -77,13 +79,32 @@ def compile_decoder_layers(model: torch.nn.Module) -> int:
     if config.recompute_granularity == "selective":
         raise ValueError("compiled layers do not combine with selective recompute")
     _trace_friendly_megatron()
-    count = 0
     for layer in model.decoder.layers:
         if getattr(layer, "is_moe_layer", False):
-            continue
-        layer.compile()
-        count += 1
-    return count
+            compile_moe_layer(layer)
+        else:
+            layer.compile()
+    return len(model.decoder.layers)
+
+
+def compile_moe_layer(layer: torch.nn.Module) -> None:
+    """torch.compile the dense parts of an MoE TransformerLayer in place, each its own graph.
+
+    Compiled: the attention block (input norm, attention, residual add), the pre-MLP norm, the
+    shared expert (its SwiGLU and sigmoid gate) and, with GroupedExperts (train.moe_grouped_gemm),
+    the routed experts' activation: together the elementwise passes over the layer's largest
+    activations. Eager: the router (its aux-loss scaler and device lookups break graphs), the
+    token permutation (data-dependent sizes) and the expert GEMMs. Under expert parallelism the
+    number of routed tokens changes with every micro-batch: dynamo compiles the activation once
+    more, with that size dynamic.
+    """
+    layer._forward_attention = torch.compile(layer._forward_attention)
+    layer._forward_pre_mlp_layernorm = torch.compile(layer._forward_pre_mlp_layernorm)
+    shared = getattr(layer.mlp, "shared_experts", None)
+    if shared is not None:
+        shared.compile()
+    if isinstance(layer.mlp.experts, GroupedExperts):
+        layer.mlp.experts.compile_activation()
 
 
 _patched = False

@@ -130,16 +130,23 @@ class GroupedExperts(MegatronModule):
         # overlapped parameter all-gather (ddp.overlap_param_gather).
         fc1_weight, fc2_weight = self.linear_fc1(), self.linear_fc2()
         fc1 = _expert_linear(x, fc1_weight, offsets, splits)
+        return _expert_linear(self.activation(fc1, probs), fc2_weight, offsets, splits), None
+
+    def activation(self, fc1: Tensor, probs: Tensor) -> Tensor:
+        """The gated activation of every routed token, scaled by its router probability."""
         if self.config.bias_activation_fusion and self.config.activation_func is F.silu:  # as MLP does
-            act = weighted_bias_swiglu_impl(fc1, None, probs.unsqueeze(-1), self.config.activation_func_fp8_input_store)
-        else:
-            gate, up = torch.chunk(fc1, 2, dim=-1)
-            if (clamp := self.config.activation_func_clamp_value) is not None:
-                gate = gate.clamp(min=None, max=clamp)
-                up = up.clamp(min=-clamp, max=clamp)
-            act = self.config.activation_func(gate) * (up + self.config.glu_linear_offset)
-            act = (act * probs.unsqueeze(-1)).to(act.dtype)
-        return _expert_linear(act, fc2_weight, offsets, splits), None
+            return weighted_bias_swiglu_impl(fc1, None, probs.unsqueeze(-1), self.config.activation_func_fp8_input_store)
+        gate, up = torch.chunk(fc1, 2, dim=-1)
+        if (clamp := self.config.activation_func_clamp_value) is not None:
+            gate = gate.clamp(min=None, max=clamp)
+            up = up.clamp(min=-clamp, max=clamp)
+        act = self.config.activation_func(gate) * (up + self.config.glu_linear_offset)
+        return (act * probs.unsqueeze(-1)).to(act.dtype)
+
+    def compile_activation(self) -> None:
+        """Run activation() through torch.compile (train.compile=layers): inductor fuses its
+        elementwise passes over the [routed tokens, 2 x ffn] projections into one."""
+        self.activation = torch.compile(self.activation)
 
     def backward_dw(self) -> None:
         """Weight gradients are computed in backward (no delayed wgrad)."""
