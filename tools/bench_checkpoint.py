@@ -242,6 +242,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.warmup < 1 or args.write_threads < 1:
         parser.error("--warmup and --write-threads must be >= 1")
+    if not args.dir.is_dir():
+        parser.error(f"--dir {args.dir} is not a directory: give a directory on the storage to measure")
     from qwen2_megatron.launch.config import LauncherConfig
     from qwen2_megatron.parallel.local_launch import spawn
 
