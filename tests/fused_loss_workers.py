@@ -6,7 +6,9 @@ plain path (and the size of the compared values), and returns those numbers.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 from megatron.core import parallel_state, tensor_parallel
@@ -15,6 +17,7 @@ from torch import Tensor
 
 from qwen2_megatron.model.builder import build_model
 from qwen2_megatron.model.forward import _position_ids, forward_backward
+from qwen2_megatron.model import fused_loss as fused_loss_module
 from qwen2_megatron.model.fused_loss import FusedLMLoss, fused_linear_cross_entropy
 from qwen2_megatron.model.shape import Qwen2Shape
 from qwen2_megatron.parallel.ddp import wrap_ddp
@@ -132,14 +135,19 @@ def _model_level(case: Case) -> dict[str, Diff]:
             fused = chunks[0](tokens, _position_ids(tokens), None, output_processor=FusedLMLoss(5))
         out["model_logits_without_labels"] = _diff(fused, plain)
     ref_grads, ref_loss = _grads(chunks, batches, None)
-    variants = {"step": (FusedLMLoss(5), False), "step_grad_accum_fusion": (FusedLMLoss(5), True)}
+    early = FusedLMLoss(5, grad_in_forward=True)
+    variants = {"step": (FusedLMLoss(5), False), "step_grad_accum_fusion": (FusedLMLoss(5), True),
+                "step_grad_in_forward": (early, False), "step_grad_in_forward_accum_fusion": (early, True)}
     for label, (fused_loss, fusion) in variants.items():
         # gradient_accumulation_fusion (needs apex for megatron's own layer): the fused path adds
         # the weight gradient into main_grad itself, as megatron's linear layer would.
         for chunk in chunks:
             if chunk.module.post_process:
                 chunk.module.output_layer.gradient_accumulation_fusion = fusion
-        grads, loss = _grads(chunks, batches, fused_loss)
+        # gradients in forward must not fall back to recomputing the logits: the loss gradient
+        # of the trainer's masked mean is proportional to the loss mask
+        with _recompute_refused(fused_loss.grad_in_forward):
+            grads, loss = _grads(chunks, batches, fused_loss)
         if ref_loss is not None:
             out[f"{label}_loss"] = _diff(loss, ref_loss)
         for name, grad in grads.items():
@@ -148,6 +156,22 @@ def _model_level(case: Case) -> dict[str, Diff]:
         if chunk.module.post_process:
             chunk.module.output_layer.gradient_accumulation_fusion = False
     return out
+
+
+@contextmanager
+def _recompute_refused(refuse: bool) -> Iterator[None]:
+    """While `refuse`, the fused loss's backward may not recompute the logits (it raises)."""
+    original = fused_loss_module._recompute_grads
+
+    def refused(*_: object) -> None:
+        raise AssertionError("the fused loss recomputed its logits in backward")
+
+    if refuse:
+        fused_loss_module._recompute_grads = refused
+    try:
+        yield
+    finally:
+        fused_loss_module._recompute_grads = original
 
 
 def fused_loss_rank(cases: list[Case], trainer_cfgs: list[TrainerConfig]) -> tuple[dict, list[list[float]]]:

@@ -21,6 +21,7 @@ import torch
 from qwen2_megatron.checkpoint.config import CheckpointConfig
 from qwen2_megatron.data.demo import demo_mixture
 from qwen2_megatron.model.presets import get_preset
+from qwen2_megatron.model import fused_loss as fused_loss_module
 from qwen2_megatron.model.fused_loss import fused_linear_cross_entropy
 from qwen2_megatron.parallel.layout import ParallelLayout
 from qwen2_megatron.parallel.local_launch import spawn
@@ -135,10 +136,63 @@ def test_compiled_chunk_math_equals_eager(dtype: torch.dtype) -> None:
         assert (got.float() - want.float()).abs().max() <= tol * want.float().abs().max()
 
 
-def _trainer_cfg(root: Path, fused: bool) -> TrainerConfig:
-    name = "fused" if fused else "plain"
+def _early_and_recomputed(
+    dtype: torch.dtype, grad_out: torch.Tensor, mask: torch.Tensor, monkeypatch: pytest.MonkeyPatch, fusion: bool = False
+) -> tuple[list[tuple[torch.Tensor, ...]], list[str]]:
+    """(losses, hidden and weight gradients) with the gradients computed in forward for `mask` and
+    by recomputing in backward, for the incoming gradient `grad_out`; and which backward ran."""
+    hidden, weight, labels = _tiny(torch.float32, s=13, b=3, h=16, v=70)
+    hidden, weight = hidden.to(dtype), weight.to(dtype)
+    labels[2, 1] = -100
+    ran: list[str] = []
+    recompute = fused_loss_module._recompute_grads
+    monkeypatch.setattr(fused_loss_module, "_recompute_grads", lambda *a: ran.append("recompute") or recompute(*a))
+    results = []
+    for loss_mask in (mask, None):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        if fusion:  # megatron's gradient_accumulation_fusion: the weight gradient goes into main_grad
+            w.main_grad, w.grad_added_to_main_grad = torch.full(weight.shape, 0.5, dtype=torch.float32), False
+        out = fused_linear_cross_entropy(h, w, labels, chunk_tokens=8, loss_mask=loss_mask,
+                                         gradient_accumulation_fusion=fusion)
+        out.backward(grad_out)
+        results.append((out, h.grad, w.main_grad if fusion else w.grad))
+        ran.append(f"done mask={loss_mask is not None}")
+    return results, ran
+
+
+@pytest.mark.parametrize("fusion", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gradients_in_forward_equal_recomputed_ones(
+    dtype: torch.dtype, fusion: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """train.fused_lm_loss_grad_in_forward: for a loss gradient proportional to the loss mask (the
+    trainer's masked mean), the gradients computed from each chunk's logits in forward and scaled
+    in backward equal those of recomputing the logits in backward (masked tokens, uneven chunks,
+    an out-of-vocabulary label, megatron's main_grad accumulation), and backward recomputes nothing."""
+    mask = (torch.rand(13, 3, generator=torch.Generator().manual_seed(1)) > 0.3).float()
+    results, ran = _early_and_recomputed(dtype, mask * 0.37, mask, monkeypatch, fusion)
+    assert ran == ["done mask=True", "recompute", "done mask=False"]
+    tol = REL_TOL if dtype == torch.float32 else 1e-2  # bf16: rounded at different points
+    for got, want in zip(*results):
+        assert got.dtype == want.dtype and got.shape == want.shape
+        assert (got.float() - want.float()).abs().max() <= tol * want.float().abs().max()
+
+
+def test_gradients_in_forward_fall_back_for_other_loss_gradients(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A loss gradient that is not proportional to the mask is not the one the forward assumed:
+    backward recomputes, and the gradients are exactly the recomputing path's."""
+    mask = torch.ones(13, 3)
+    results, ran = _early_and_recomputed(torch.float32, torch.randn(13, 3), mask, monkeypatch)
+    assert ran == ["recompute", "done mask=True", "recompute", "done mask=False"]
+    for got, want in zip(*results):
+        assert torch.equal(got, want)
+
+
+def _trainer_cfg(root: Path, fused: bool, grad_in_forward: bool = False) -> TrainerConfig:
+    name = ("fused_early" if grad_in_forward else "fused") if fused else "plain"
     train = TrainConfig(steps=2, global_batch_size=4, micro_batch_size=2, seq_length=32, eval_interval=2,
-                        eval_steps=1, fused_lm_loss=fused, fused_lm_loss_chunk=16)
+                        eval_steps=1, fused_lm_loss=fused, fused_lm_loss_chunk=16,
+                        fused_lm_loss_grad_in_forward=grad_in_forward)
     return TrainerConfig(
         model=replace(get_preset("tiny"), num_hidden_layers=2), train=train,
         parallel=ParallelLayout(tp=2, sequence_parallel=True), optim=OptimConfig(lr=1e-3, warmup_steps=1),
@@ -155,19 +209,20 @@ def test_chunk_size_is_validated(tmp_path: Path) -> None:
         validate(cfg, world_size=2)
 
 
-def test_compiling_an_absent_fused_loss_is_an_error(tmp_path: Path) -> None:
+@pytest.mark.parametrize("key", ["fused_lm_loss_compile", "fused_lm_loss_grad_in_forward"])
+def test_changing_an_absent_fused_loss_is_an_error(tmp_path: Path, key: str) -> None:
     cfg = _trainer_cfg(tmp_path, fused=False)
-    cfg.train.fused_lm_loss_compile = True
-    with pytest.raises(ConfigError, match="train.fused_lm_loss=true"):
+    setattr(cfg.train, key, True)
+    with pytest.raises(ConfigError, match=f"train.{key}=true .*train.fused_lm_loss=true"):
         validate(cfg, world_size=2)
 
 
 @pytest.fixture(scope="module")
 def parallel_runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[dict], dict, Path]:
     root = tmp_path_factory.mktemp("fused_trainer")
-    cfgs = [_trainer_cfg(root, fused=False), _trainer_cfg(root, fused=True)]
+    cfgs = [_trainer_cfg(root, fused=False), _trainer_cfg(root, fused=True), _trainer_cfg(root, True, True)]
     per_rank = spawn(fused_loss_rank, 2, CASES, cfgs)
-    losses = dict(zip(("plain", "fused"), per_rank[0][1]))
+    losses = dict(zip(("plain", "fused", "fused_early"), per_rank[0][1]))
     return [r[0] for r in per_rank], losses, root
 
 
@@ -184,16 +239,17 @@ def test_fused_matches_plain_in_parallel(parallel_runs: tuple, case: str) -> Non
     assert checked > 0
 
 
-def test_trainer_with_fused_loss_follows_the_plain_trajectory(parallel_runs: tuple) -> None:
+@pytest.mark.parametrize("name", ["fused", "fused_early"])
+def test_trainer_with_fused_loss_follows_the_plain_trajectory(parallel_runs: tuple, name: str) -> None:
     _, losses, root = parallel_runs
-    plain, fused = losses["plain"], losses["fused"]
+    plain, fused = losses["plain"], losses[name]
     assert len(plain) == len(fused) == 2
     worst = max(abs(a - b) for a, b in zip(plain, fused))
     evals = [
-        [json.loads(line)["eval_loss"] for line in (root / name / "metrics.jsonl").read_text().splitlines()
+        [json.loads(line)["eval_loss"] for line in (root / run / "metrics.jsonl").read_text().splitlines()
          if "eval_loss" in line]
-        for name in ("plain", "fused")
+        for run in ("plain", name)
     ]
-    print(f"trainer plain {plain} fused {fused}: max |loss diff| {worst:.2e}; eval {evals}")
+    print(f"trainer plain {plain} {name} {fused}: max |loss diff| {worst:.2e}; eval {evals}")
     assert worst <= 1e-5 * max(plain)
     assert len(evals[0]) == len(evals[1]) == 1 and abs(evals[0][0] - evals[1][0]) <= 1e-5 * evals[0][0]

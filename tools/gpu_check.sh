@@ -18,8 +18,8 @@
 # start with under 45 s left is skipped), WARMUP (3), STEPS (8),
 # MBS_05B / MBS_15B / MBS_7B / MOE_LAYERS (default by GPU memory, see below), FAST (the overrides
 # of "ours" beside hf in the 1.5b, 7b, 0.5b and moe cases; default compiled layers + compiled fused LM loss),
-# CASES (run in order while the budget lasts; default "7b-pure 1.5b-pure ckpt moe-pure moe
-# moe-eager ckpt-atsave 0.5b-pure 7b-pure-mbs parity": what no GPU has measured yet, most wanted first, see
+# CASES (run in order while the budget lasts; default "7b-pure 7b-pure-fwdgrad 1.5b-pure ckpt moe-pure
+# moe moe-eager ckpt-atsave 0.5b-pure 7b-pure-mbs parity": what no GPU has measured yet, most wanted first, see
 # tools/GPU_RESULTS.md; also 7b, 1.5b, 0.5b, 7b-sameinit, 7b-autocast, 7b-fusion, 7b-liger,
 # 7b-liger-fusion, 1.5b-fusion, 1.5b-plain, 1.5b-liger, ckpt-1thread):
 # 1.5b-plain and 1.5b-liger train ours alone on the plain path, or with the Liger kernels + fused
@@ -36,7 +36,8 @@
 # compare step by step; 7b-autocast is hf with fp32 master weights under bf16 autocast, the
 # numerics ours has, instead of pure bf16; 7b-pure, 1.5b-pure and 0.5b-pure train ours beside hf
 # with optim.fp32_master_weights=false (pure bf16, transformers' numerics and 8 bytes per parameter),
-# 7b-pure-mbs ours alone so at twice the 7b micro-batch, moe-pure the moe case so).
+# 7b-pure-mbs ours alone so at twice the 7b micro-batch, moe-pure the moe case so; 7b-pure-fwdgrad
+# is ours alone as in 7b-pure with train.fused_lm_loss_grad_in_forward).
 # GPU_CHECK_CPU_SMOKE=1 runs the same plumbing on CPU with tiny models and 64-token sequences (to
 # test this script without a GPU; the numbers mean nothing). Results so far: tools/GPU_RESULTS.md.
 set -uo pipefail
@@ -61,7 +62,7 @@ mkdir -p "$OUT"
 BUDGET_S=${GPU_CHECK_BUDGET_S:-450}
 WARMUP=${WARMUP:-3}
 STEPS=${STEPS:-8}
-CASES=${CASES:-7b-pure 1.5b-pure ckpt moe-pure moe moe-eager ckpt-atsave 0.5b-pure 7b-pure-mbs parity}
+CASES=${CASES:-7b-pure 7b-pure-fwdgrad 1.5b-pure ckpt moe-pure moe moe-eager ckpt-atsave 0.5b-pure 7b-pure-mbs parity}
 read -r -a FAST <<< "${FAST:-train.compile=layers train.fused_lm_loss=true train.fused_lm_loss_compile=true}"
 SMOKE=${GPU_CHECK_CPU_SMOKE:-0}
 
@@ -158,6 +159,9 @@ EOF
                     --micro-batch "$mbs7" "${fast[@]}" --hf-precision autocast --label qwen2_7b-8L-hfautocast ;;
             7b-pure) run_case qwen2_7b-8L-pure 150 "$t0" "$py" "${bench[@]}" --preset "$p7" --layers 8 \
                     --micro-batch "$mbs7" "${fast[@]}" "${pure[@]}" --label qwen2_7b-8L-fast-purebf16 ;;
+            7b-pure-fwdgrad) run_case qwen2_7b-8L-pure-fwdgrad 100 "$t0" "$py" "${bench[@]}" --preset "$p7" --layers 8 \
+                    --micro-batch "$mbs7" --only ours "${fast[@]}" "${pure[@]}" --override train.fused_lm_loss_grad_in_forward=true \
+                    --label qwen2_7b-8L-fast-purebf16-fwdgrad ;;
             7b-pure-mbs) run_case qwen2_7b-8L-pure-mbs 100 "$t0" "$py" "${bench[@]}" --preset "$p7" --layers 8 \
                     --micro-batch $(( mbs7 * 2 )) --only ours "${fast[@]}" "${pure[@]}" \
                     --label qwen2_7b-8L-fast-purebf16-mbs$(( mbs7 * 2 )) ;;

@@ -41,7 +41,7 @@ def _lm_step(
     tokens = batch["tokens"]
     # GPTModel calls an output_processor only on the last pipeline stage, in place of its
     # output layer + cross-entropy; other stages return their hidden states as usual.
-    fused = {} if fused_loss is None else {"output_processor": fused_loss}
+    fused = {} if fused_loss is None else {"output_processor": fused_loss, "loss_mask": batch["loss_mask"]}
     output = model(tokens, _position_ids(tokens), None, labels=batch["labels"], **fused)
     return output, partial(lm_loss, batch["loss_mask"])
 

@@ -76,6 +76,7 @@ class TrainConfig:
     fused_lm_loss: bool = False  # output layer + cross-entropy in chunks, no [tokens, vocab] logits
     fused_lm_loss_chunk: int = 2048  # tokens per chunk of the fused LM loss (its memory: chunk x vocab/TP)
     fused_lm_loss_compile: bool = False  # the fused LM loss's per-chunk arithmetic through torch.compile
+    fused_lm_loss_grad_in_forward: bool = False  # its gradients computed in forward: no logits recompute
     on_nonfinite: str = "skip"  # skip the step | stop the run
     max_consecutive_skips: int = 5
     eval_interval: int = 0  # steps between evaluations; 0 = never
@@ -186,9 +187,10 @@ def validate(cfg: TrainerConfig, world_size: int, have_te: bool = False) -> Para
                 "checkpoint.write_threads", "train.fused_lm_loss_chunk"):
         if _get(cfg, key) < 1:
             raise ConfigError(f"{key}={_get(cfg, key)} must be >= 1")
-    if t.fused_lm_loss_compile and not t.fused_lm_loss:
-        raise ConfigError("train.fused_lm_loss_compile=true compiles the fused LM loss, which is off: "
-                          "set train.fused_lm_loss=true as well")
+    for key in ("fused_lm_loss_compile", "fused_lm_loss_grad_in_forward"):
+        if getattr(t, key) and not t.fused_lm_loss:
+            raise ConfigError(f"train.{key}=true changes the fused LM loss, which is off: "
+                              "set train.fused_lm_loss=true as well")
     for key in ("checkpoint.interval", "checkpoint.keep_every", "train.eval_interval"):
         if _get(cfg, key) < 0:
             raise ConfigError(f"{key}={_get(cfg, key)} must be >= 0 (0 turns it off)")

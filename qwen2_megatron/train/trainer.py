@@ -97,7 +97,8 @@ class Trainer:
         self.optimizer = build_optimizer(cfg.optim, cfg.train.precision, self.model)
         self.scheduler = build_scheduler(cfg.optim, cfg.train, self.optimizer)
         self.fused_loss = (
-            FusedLMLoss(cfg.train.fused_lm_loss_chunk, compiled=cfg.train.fused_lm_loss_compile)
+            FusedLMLoss(cfg.train.fused_lm_loss_chunk, compiled=cfg.train.fused_lm_loss_compile,
+                        grad_in_forward=cfg.train.fused_lm_loss_grad_in_forward)
             if cfg.train.fused_lm_loss
             else None
         )
