@@ -178,6 +178,20 @@ def test_gradients_in_forward_equal_recomputed_ones(
         assert (got.float() - want.float()).abs().max() <= tol * want.float().abs().max()
 
 
+def test_evaluation_computes_no_gradients_in_forward(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under no_grad (evaluation) the weight still requires a gradient, yet none is computed."""
+    hidden, weight, labels = _tiny(torch.float32)
+    calls: list[int] = []
+    accumulate = fused_loss_module._accumulate_wgrad
+    monkeypatch.setattr(fused_loss_module, "_accumulate_wgrad", lambda *a: calls.append(1) or accumulate(*a))
+    w = weight.clone().requires_grad_()
+    with torch.no_grad():
+        fused_linear_cross_entropy(hidden, w, labels, chunk_tokens=4, loss_mask=torch.ones(labels.shape))
+    assert calls == []
+    fused_linear_cross_entropy(hidden, w, labels, chunk_tokens=4, loss_mask=torch.ones(labels.shape))
+    assert len(calls) == 3  # 12 tokens in chunks of 4
+
+
 def test_gradients_in_forward_fall_back_for_other_loss_gradients(monkeypatch: pytest.MonkeyPatch) -> None:
     """A loss gradient that is not proportional to the mask is not the one the forward assumed:
     backward recomputes, and the gradients are exactly the recomputing path's."""

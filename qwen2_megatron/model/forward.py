@@ -11,6 +11,7 @@ materialising the [tokens, vocab] logits. This is the one place where the loss p
 
 from __future__ import annotations
 
+import contextlib
 from functools import partial
 from typing import Any, Iterator
 
@@ -61,15 +62,18 @@ def forward_backward(
     first = micro_batches[0]["tokens"]
     iterators = [iter(micro_batches) for _ in chunks]
     step = _lm_step if fused_loss is None else partial(_lm_step, fused_loss=fused_loss)
-    return get_forward_backward_func()(
-        forward_step_func=step,
-        data_iterator=iterators if len(chunks) > 1 else iterators[0],
-        model=chunks,
-        num_microbatches=len(micro_batches),
-        seq_length=first.shape[1],
-        micro_batch_size=first.shape[0],
-        forward_only=forward_only,
-    )
+    # forward_only under no_grad, as Megatron-LM evaluates: no autograd graph is kept (megatron's
+    # schedule itself only skips the backward)
+    with torch.no_grad() if forward_only else contextlib.nullcontext():
+        return get_forward_backward_func()(
+            forward_step_func=step,
+            data_iterator=iterators if len(chunks) > 1 else iterators[0],
+            model=chunks,
+            num_microbatches=len(micro_batches),
+            seq_length=first.shape[1],
+            micro_batch_size=first.shape[0],
+            forward_only=forward_only,
+        )
 
 
 def forward_logits(chunks: list[torch.nn.Module], tokens: Tensor) -> Tensor | None:

@@ -145,7 +145,8 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
     this rank's rows of the vocabulary (rank r owns rows r * V/TP ...); labels: [s, b]. Returns the
     fp32 loss [s, b] (fp64 for fp64 inputs). A label outside the vocabulary (e.g. -100) gets what
     megatron's vocab_parallel_cross_entropy gives it: loss log(sum(exp(logits - max))), gradient
-    the softmax (the loss mask is expected to exclude such tokens).
+    the softmax (the loss mask is expected to exclude such tokens). loss_mask: [s, b] or None; given
+    (and a gradient wanted), the gradients are computed in forward (module docstring).
     """
 
     @staticmethod
@@ -327,6 +328,8 @@ def fused_linear_cross_entropy(
     """
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens={chunk_tokens} must be >= 1")
+    if not torch.is_grad_enabled():  # evaluation: no gradients to compute early (forward cannot tell)
+        loss_mask = None
     return FusedLinearCrossEntropy.apply(
         hidden, weight, labels, loss_mask, tp_group, sequence_parallel, chunk_tokens, gradient_accumulation_fusion,
         compiled,
