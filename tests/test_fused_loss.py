@@ -1,12 +1,14 @@
 """The fused output layer + cross-entropy (model/fused_loss.py) equals megatron's plain path (fp32, CPU).
 
 Single-process: gradcheck in float64, a pure-torch reference, megatron's gradient-accumulation-
-fusion convention. Two gloo ranks (one spawn, all cases): TP1 (as DP2), TP2, TP2+SP and PP2, each
-with tied and untied embeddings, masked tokens and out-of-vocabulary labels; per-token losses,
-hidden-state and weight gradients against ColumnParallelLinear + vocab_parallel_cross_entropy,
-and every parameter's DDP gradient after a full forward_backward against the plain path's; then
-the trainer with train.fused_lm_loss on and off (tiny model, real 152k vocabulary, TP2+SP):
-the same loss trajectory and evaluation loss.
+fusion convention; gradients computed in forward (train.fused_lm_loss_grad_in_forward) against
+recomputed ones, their fallback, and none computed under no_grad. Two gloo ranks (one spawn, all
+cases): TP1 (as DP2), TP2, TP2+SP and PP2, each with tied and untied embeddings, masked tokens and
+out-of-vocabulary labels; per-token losses, hidden-state and weight gradients against
+ColumnParallelLinear + vocab_parallel_cross_entropy, and every parameter's DDP gradient after a
+full forward_backward against the plain path's (also with the gradients computed in forward,
+recomputing refused); then the trainer with train.fused_lm_loss off, on, and on with gradients in
+forward (tiny model, real 152k vocabulary, TP2+SP): the same loss trajectory and evaluation loss.
 """
 
 from __future__ import annotations
