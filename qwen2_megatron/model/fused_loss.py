@@ -169,10 +169,8 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
         if loss_mask is not None and loss_mask.shape != labels.shape:
             raise ValueError(f"loss mask {tuple(loss_mask.shape)} does not match labels {tuple(labels.shape)}")
         x = total.reshape(-1, total.shape[-1])
-        target = labels.reshape(-1)
         n, v_local = x.shape[0], weight.shape[0]
-        vocab_start = _tp_rank(tp_group) * v_local
-        local = target - vocab_start
+        local = labels.reshape(-1) - _tp_rank(tp_group) * v_local  # each target's column on this rank
         acc = _loss_dtype(x.dtype)
         loss = torch.empty(n, dtype=acc, device=x.device)
         lse = torch.empty(n, dtype=acc, device=x.device)
@@ -206,11 +204,10 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
                 if early_w is not None:
                     _accumulate_wgrad(early_w, grad_logits, x[start:end])
             del logits
-        ctx.save_for_backward(hidden, weight, target, lse, mask, early_x, early_w)
+        ctx.save_for_backward(hidden, weight, local, lse, mask, early_x, early_w)
         ctx.tp_group = tp_group
         ctx.sequence_parallel = sequence_parallel and tp > 1
         ctx.chunk_tokens = chunk_tokens
-        ctx.vocab_start = vocab_start
         ctx.chunk = chunk
         # As megatron's linear layer: the buffer is looked up at forward (a module may be reused).
         ctx.main_grad = getattr(weight, "main_grad", None) if gradient_accumulation_fusion else None
@@ -219,7 +216,7 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad_loss: Tensor) -> tuple[Tensor | None, ...]:
-        hidden, weight, target, lse, mask, early_x, early_w = ctx.saved_tensors
+        hidden, weight, local, lse, mask, early_x, early_w = ctx.saved_tensors
         g = grad_loss.reshape(-1).to(lse.dtype)
         scale = _scale_of(g, mask) if early_x is not None else None
         if scale is not None:
@@ -231,7 +228,7 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
                 else:
                     grad_w = (early_w * scale).to(weight.dtype)
         else:  # no early gradient, or the loss gradient is not mask-proportional: recompute
-            grad_x, grad_w = _recompute_grads(ctx, hidden, weight, target, lse, g)
+            grad_x, grad_w = _recompute_grads(ctx, hidden, weight, local, lse, g)
         grad_hidden = _reduce_hidden_grad(ctx, grad_x.view(-1, *hidden.shape[1:]))  # [s, b, H], s gathered
         return (grad_hidden, _dummy_if_fused(ctx, weight, hidden.dtype, grad_w), *([None] * 7))
 
@@ -274,7 +271,7 @@ def _dummy_if_fused(ctx: Any, weight: Tensor, dtype: torch.dtype, grad_w: Tensor
 
 
 def _recompute_grads(
-    ctx: Any, hidden: Tensor, weight: Tensor, target: Tensor, lse: Tensor, g: Tensor
+    ctx: Any, hidden: Tensor, weight: Tensor, local: Tensor, lse: Tensor, g: Tensor
 ) -> tuple[Tensor, Tensor | None]:
     """(hidden-state gradient of the gathered sequence in the hidden dtype, weight gradient or None
     when it went into main_grad) by recomputing the logits a vocabulary chunk at a time."""
@@ -289,7 +286,6 @@ def _recompute_grads(
     grad_x = torch.zeros(x.shape, dtype=acc, device=x.device)
     # Vocabulary columns per chunk: the chunk's logits no larger than a forward chunk's.
     cols = max(1, min(v_local, math.ceil(ctx.chunk_tokens * v_local / max(n, 1))))
-    local = target - ctx.vocab_start
     for start in range(0, v_local, cols):
         end = min(start + cols, v_local)
         w = weight[start:end]
