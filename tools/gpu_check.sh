@@ -12,19 +12,20 @@
 # Python: the argument (a venv directory or an interpreter), else .venv/bin/python, else python3.
 # Wheels in .whl/ are installed offline into /tmp/site (--no-deps) and put on PYTHONPATH.
 # Everything goes to $OUT (default /tmp/gpu_check_out): gpu_check.log, parity.json, bench.jsonl,
-# summary.txt, and profile_7b-8L.{ours,hf}.txt and profile_moe.{ours,hf}.txt (torch.profiler's
-# kernel table of 2 steps of each side, in the 7b and moe cases). Knobs (environment):
+# summary.txt, and profile_<case>.{ours,hf}.txt (torch.profiler's kernel table of 2 steps of each
+# side, in the 7b, 7b-pure and moe-pure cases; the device tool brings back 8 files). Knobs (environment):
 # GPU_CHECK_BUDGET_S (default 450: seconds for all cases after the pre-flight; a case that would
 # start with under 45 s left is skipped), WARMUP (3), STEPS (8),
 # MBS_05B / MBS_15B / MBS_7B / MOE_LAYERS (default by GPU memory, see below), FAST (the overrides
-# of "ours" beside hf in the 1.5b, 7b, 0.5b and moe cases; default compiled layers + compiled fused LM loss),
-# CASES (run in order while the budget lasts; default "7b-pure 7b-pure-fwdgrad 1.5b-pure ckpt moe-pure
-# moe moe-eager ckpt-atsave 0.5b-pure 7b-pure-mbs parity": what no GPU has measured yet, most wanted first, see
-# tools/GPU_RESULTS.md; also 7b, 1.5b, 0.5b, 7b-sameinit, 7b-autocast, 7b-fusion, 7b-liger,
-# 7b-liger-fusion, 1.5b-fusion, 1.5b-plain, 1.5b-liger, ckpt-1thread):
+# of "ours" beside hf in the 1.5b, 7b, 0.5b and moe cases; default compiled layers + compiled fused LM
+# loss with its gradients in forward), CASES (run in order while the budget lasts; default
+# "1.5b-pure 1.5b-pure-mbs 0.5b-pure 0.5b-pure-mbs 7b-pure moe-pure moe-eager moe ckpt parity": the
+# issue-7 targets furthest from met and what no GPU has measured yet, see tools/GPU_RESULTS.md;
+# also 7b, 1.5b, 0.5b, 7b-pure-mbs, 7b-sameinit, 7b-autocast, 7b-fusion, 7b-liger, 7b-liger-fusion,
+# 1.5b-fusion, 1.5b-plain, 1.5b-liger, ckpt-1thread, ckpt-atsave):
 # 1.5b-plain and 1.5b-liger train ours alone on the plain path, or with the Liger kernels + fused
 # LM loss; moe is hf beside ours with FAST and grouped-GEMM experts (MoE layers compiled in parts),
-# moe-eager ours alone so without compiling (the fused LM loss and grouped experts only); 1.5b-fusion and
+# moe-eager ours alone so with FAST less the compiled layers (grouped experts and the loss only); 1.5b-fusion and
 # 7b-fusion train ours alone with FAST + train.grad_accum_fusion; 7b-liger and 7b-liger-fusion
 # train ours alone with the Liger kernels + fused LM loss, without and with
 # train.grad_accum_fusion; ckpt is tools/bench_checkpoint.py with one rank on the GPU
@@ -36,8 +37,9 @@
 # compare step by step; 7b-autocast is hf with fp32 master weights under bf16 autocast, the
 # numerics ours has, instead of pure bf16; 7b-pure, 1.5b-pure and 0.5b-pure train ours beside hf
 # with optim.fp32_master_weights=false (pure bf16, transformers' numerics and 8 bytes per parameter),
-# 7b-pure-mbs ours alone so at twice the 7b micro-batch, moe-pure the moe case so; 7b-pure-fwdgrad
-# is ours alone as in 7b-pure with train.fused_lm_loss_grad_in_forward).
+# 7b-pure-mbs, 1.5b-pure-mbs and 0.5b-pure-mbs ours alone so at twice that shape's micro-batch,
+# moe-pure the moe case so; 7b-pure and moe-pure also write torch.profiler's kernel tables,
+# profile_7b-8L-pure.{ours,hf}.txt and profile_moe-pure.{ours,hf}.txt).
 # GPU_CHECK_CPU_SMOKE=1 runs the same plumbing on CPU with tiny models and 64-token sequences (to
 # test this script without a GPU; the numbers mean nothing). Results so far: tools/GPU_RESULTS.md.
 set -uo pipefail
@@ -62,8 +64,8 @@ mkdir -p "$OUT"
 BUDGET_S=${GPU_CHECK_BUDGET_S:-450}
 WARMUP=${WARMUP:-3}
 STEPS=${STEPS:-8}
-CASES=${CASES:-7b-pure 7b-pure-fwdgrad 1.5b-pure ckpt moe-pure moe moe-eager ckpt-atsave 0.5b-pure 7b-pure-mbs parity}
-read -r -a FAST <<< "${FAST:-train.compile=layers train.fused_lm_loss=true train.fused_lm_loss_compile=true}"
+CASES=${CASES:-1.5b-pure 1.5b-pure-mbs 0.5b-pure 0.5b-pure-mbs 7b-pure moe-pure moe-eager moe ckpt parity}
+read -r -a FAST <<< "${FAST:-train.compile=layers train.fused_lm_loss=true train.fused_lm_loss_compile=true train.fused_lm_loss_grad_in_forward=true}"
 SMOKE=${GPU_CHECK_CPU_SMOKE:-0}
 
 pick_python() {
@@ -119,8 +121,11 @@ EOF
     local mbs05=${MBS_05B:-4} mbs15=${MBS_15B:-$([ $big = 1 ] && echo 4 || echo 2)}
     local mbs7=${MBS_7B:-$([ $big = 1 ] && echo 2 || echo 1)} moe_layers=${MOE_LAYERS:-$([ $big = 1 ] && echo 2 || echo 1)}
     echo "card memory ${mem} GiB: micro-batch 0.5B $mbs05, 1.5B $mbs15, 7B-8L $mbs7; MoE $moe_layers layer(s)"
-    local t0 fast=() o
-    for o in "${FAST[@]}"; do fast+=(--override "$o"); done
+    local t0 fast=() eager=() o
+    for o in "${FAST[@]}"; do
+        fast+=(--override "$o")
+        [ "$o" = train.compile=layers ] || eager+=(--override "$o")  # FAST less the compiled layers
+    done
     # optim.fp32_master_weights=false: bf16 weights, gradients and Adam states, as transformers' baseline
     # (--dtype bf16: the GPU default, stated for the CPU smoke run)
     local pure=(--dtype bf16 --override optim.distributed_optimizer=false --override optim.fp32_master_weights=false)
@@ -158,17 +163,21 @@ EOF
             7b-autocast) run_case qwen2_7b-8L-hfautocast 150 "$t0" "$py" "${bench[@]}" --preset "$p7" --layers 8 \
                     --micro-batch "$mbs7" "${fast[@]}" --hf-precision autocast --label qwen2_7b-8L-hfautocast ;;
             7b-pure) run_case qwen2_7b-8L-pure 150 "$t0" "$py" "${bench[@]}" --preset "$p7" --layers 8 \
-                    --micro-batch "$mbs7" "${fast[@]}" "${pure[@]}" --label qwen2_7b-8L-fast-purebf16 ;;
-            7b-pure-fwdgrad) run_case qwen2_7b-8L-pure-fwdgrad 100 "$t0" "$py" "${bench[@]}" --preset "$p7" --layers 8 \
-                    --micro-batch "$mbs7" --only ours "${fast[@]}" "${pure[@]}" --override train.fused_lm_loss_grad_in_forward=true \
-                    --label qwen2_7b-8L-fast-purebf16-fwdgrad ;;
+                    --micro-batch "$mbs7" "${fast[@]}" "${pure[@]}" --profile "$OUT/profile_7b-8L-pure" \
+                    --label qwen2_7b-8L-fast-purebf16 ;;
             7b-pure-mbs) run_case qwen2_7b-8L-pure-mbs 100 "$t0" "$py" "${bench[@]}" --preset "$p7" --layers 8 \
                     --micro-batch $(( mbs7 * 2 )) --only ours "${fast[@]}" "${pure[@]}" \
                     --label qwen2_7b-8L-fast-purebf16-mbs$(( mbs7 * 2 )) ;;
             1.5b-pure) run_case qwen2_1.5b-pure 150 "$t0" "$py" "${bench[@]}" --preset "$p15" --micro-batch "$mbs15" \
                     "${fast[@]}" "${pure[@]}" --label qwen2_1.5b-fast-purebf16 ;;
+            1.5b-pure-mbs) run_case qwen2_1.5b-pure-mbs 100 "$t0" "$py" "${bench[@]}" --preset "$p15" \
+                    --micro-batch $(( mbs15 * 2 )) --only ours "${fast[@]}" "${pure[@]}" \
+                    --label qwen2_1.5b-fast-purebf16-mbs$(( mbs15 * 2 )) ;;
             0.5b-pure) run_case qwen2_0.5b-pure 150 "$t0" "$py" "${bench[@]}" --preset "$p05" --micro-batch "$mbs05" \
                     "${fast[@]}" "${pure[@]}" --label qwen2_0.5b-fast-purebf16 ;;
+            0.5b-pure-mbs) run_case qwen2_0.5b-pure-mbs 100 "$t0" "$py" "${bench[@]}" --preset "$p05" \
+                    --micro-batch $(( mbs05 * 2 )) --only ours "${fast[@]}" "${pure[@]}" \
+                    --label qwen2_0.5b-fast-purebf16-mbs$(( mbs05 * 2 )) ;;
             ckpt) run_case checkpoint 120 "$t0" "$py" "${ckpt[@]}" ;;
             ckpt-1thread) run_case checkpoint-1thread 120 "$t0" "$py" "${ckpt[@]}" --write-threads 1 ;;
             ckpt-atsave) run_case checkpoint-atsave 120 "$t0" "$py" "${ckpt[@]}" --async-copy at_save ;;
@@ -182,13 +191,13 @@ EOF
                     --label qwen2_0.5b-fast ;;
             moe) run_case "qwen2_57b_a14b-${moe_layers}L" 150 "$t0" "$py" "${bench[@]}" --preset "$pmoe" \
                     --layers "$moe_layers" --micro-batch 1 "${fast[@]}" --override train.moe_grouped_gemm=true \
-                    --profile "$OUT/profile_moe" --label "qwen2_57b_a14b-${moe_layers}L-grouped-fast" ;;
+                    --label "qwen2_57b_a14b-${moe_layers}L-grouped-fast" ;;
             moe-eager) run_case "qwen2_57b_a14b-${moe_layers}L-eager" 100 "$t0" "$py" "${bench[@]}" --preset "$pmoe" \
-                    --layers "$moe_layers" --micro-batch 1 --only ours --fused-loss --override train.moe_grouped_gemm=true \
-                    --label "qwen2_57b_a14b-${moe_layers}L-grouped" ;;
+                    --layers "$moe_layers" --micro-batch 1 --only ours "${eager[@]}" --override train.moe_grouped_gemm=true \
+                    --label "qwen2_57b_a14b-${moe_layers}L-grouped-eager" ;;
             moe-pure) run_case "qwen2_57b_a14b-${moe_layers}L-pure" 150 "$t0" "$py" "${bench[@]}" --preset "$pmoe" \
                     --layers "$moe_layers" --micro-batch 1 "${fast[@]}" --override train.moe_grouped_gemm=true \
-                    "${pure[@]}" --label "qwen2_57b_a14b-${moe_layers}L-grouped-fast-purebf16" ;;
+                    "${pure[@]}" --profile "$OUT/profile_moe-pure" --label "qwen2_57b_a14b-${moe_layers}L-grouped-fast-purebf16" ;;
             *) echo "unknown case $case" ;;
         esac
     done
