@@ -12,7 +12,9 @@ as the trainer's loop does, until the background writer has finished and the sav
 the time that took beyond as many plain steps is what a save costs training; and rank 0's minor
 page faults in the step that triggers a save against a plain step's: megatron's writer is a forked
 process, which shares the trainer's memory copy-on-write, so every page of host memory the step
-writes while the writer lives is first copied); and, beside each
+writes while the writer lives is first copied; then the poll after that step, which with
+checkpoint.async_copy=overlap forks the writer, and the later steps beside the writer with their
+page faults); and, beside each
 synchronous save, a plain sequential write of the same number of bytes with fsync on the same
 disk, and the same bytes written into as many files at once as the save writes (ranks x write
 threads; a disk or a parallel file system may take several streams faster than one), the three
@@ -163,7 +165,7 @@ def save_rank(directory: str, preset: str, layers: int, repeats: int, seq: int, 
                                                  streams if task == "raw_write_parallel" else 1))
             dist.barrier()
         for key in ("async_blocking", "step_while_writing", "step_while_writing_faults", "async_total",
-                    "steps_while_writing", "async_cost"):
+                    "steps_while_writing", "async_cost", "first_poll", "later_steps_while_writing", "later_steps_faults"):
             times[key] = []
         for step in range(1, repeats + 1):
             dist.barrier()
@@ -172,11 +174,15 @@ def save_rank(directory: str, preset: str, layers: int, repeats: int, seq: int, 
             times["async_blocking"].append(time.perf_counter() - start)
             steps = [train_step()]  # training goes on, as the trainer's loop does, until published
             times["step_while_writing_faults"].append(faults[-1])
-            background.poll()
+            poll_start = time.perf_counter()
+            background.poll()  # with async_copy=overlap this one forks the writer
+            times["first_poll"].append(time.perf_counter() - poll_start)
             while background.writing:
                 steps.append(train_step())
+                times["later_steps_faults"].append(faults[-1])
                 background.poll()
             times["step_while_writing"].append(steps[0])
+            times["later_steps_while_writing"].extend(steps[1:])
             times["async_total"].append(time.perf_counter() - start)
             times["steps_while_writing"].append(len(steps))
             # what the save cost training in all: the time until published beyond as many plain steps
@@ -254,7 +260,7 @@ def main() -> None:
             args.precision, args.micro_batches, args.write_threads, args.warmup, args.async_copy,
             env=LauncherConfig().env,  # the trainer's rank environment
         )[0]
-        best = {key: min(values) for key, values in times.items()}
+        best = {key: min(values) for key, values in times.items() if values}
         nbytes, raw_s, save_s = best["bytes"], best["raw_write"], best["sync_save"]
         ratios = sorted(raw / save for raw, save in zip(times["raw_write"], times["sync_save"]))
         parallel_ratios = sorted(raw / save for raw, save in zip(times["raw_write_parallel"], times["sync_save"]))
@@ -281,6 +287,13 @@ def main() -> None:
         print(f"step triggering save  {100 * slowed:+.1f}% vs a plain step (async); rank 0's page faults in "
               f"it: {statistics.median(times['step_while_writing_faults']):,.0f} against "
               f"{statistics.median(times['step_faults']):,.0f} in a plain step (medians)")
+        print(f"first poll after it   {statistics.median(times['first_poll']):.3f} s (median; with async_copy=overlap "
+              "it waits for the copy and forks megatron's writer)")
+        later = times["later_steps_while_writing"]
+        if later:
+            print(f"later steps beside it median {statistics.median(later):.2f} s, slowest {max(later):.2f} s "
+                  f"({len(later)} steps in all saves) against a plain step's {best['step']:.2f} s; page faults "
+                  f"{statistics.median(times['later_steps_faults']):,.0f} (median)")
         cost = statistics.median(times["async_cost"])
         print(f"async save in all     {statistics.median(times['steps_while_writing']):.0f} steps ran until published "
               f"(median), {cost:.2f} s more than plain steps = {cost / best['step']:.2f} steps lost per save")
