@@ -12,8 +12,8 @@ same random tokens through torch SDPA attention. Checks:
   times transformers' own bf16 error, plus a small floor (bf16 rounding differs between any two
   implementations, so "as accurate as transformers" is the criterion), both in mean and in loss;
 - fast paths (dense): bf16 loss and gradients of our model with each fast path (Liger kernels
-  when liger-kernel is installed, compiled layers, the fused LM loss eager, compiled and with its
-  gradients computed in forward, weight-
+  when liger-kernel is installed, compiled layers, the fused LM loss eager, compiled, and compiled
+  with its gradients computed in forward and added into main_grad, weight-
   gradient accumulation into main_grad alone and with compiled layers + fused LM loss) against
   the fp32 reference are within --bf16-factor of the plain bf16 path's error (relative L2 over
   all gradients), plus a small floor.
@@ -154,8 +154,8 @@ def check_fast_paths(path: Path, tokens: Any, labels: Any, runtime: Any, ref_gra
     variants = {"compiled layers": (FastPaths(compile="layers"), None, False),
                 "fused LM loss": (FastPaths(), FusedLMLoss(), False),
                 "compiled fused LM loss": (FastPaths(), FusedLMLoss(compiled=True), False),
-                "fused LM loss, gradients in forward": (FastPaths(), FusedLMLoss(compiled=True, grad_in_forward=True),
-                                                         True),
+                "compiled fused LM loss, gradients in forward + weight-gradient fusion": (
+                    FastPaths(), FusedLMLoss(compiled=True, grad_in_forward=True), True),
                 "weight-gradient fusion": (FastPaths(), None, True),
                 "compiled layers + fused LM loss + weight-gradient fusion": (
                     FastPaths(compile="layers"), FusedLMLoss(), True)}
