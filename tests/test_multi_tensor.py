@@ -11,7 +11,7 @@ from megatron.core import utils as mcore_utils
 from megatron.core.optimizer import clip_grads
 from megatron.core.optimizer import optimizer as mcore_optimizer
 
-from qwen2_megatron.train.multi_tensor import foreach_l2_norm, foreach_scale, use_foreach_kernels
+from qwen2_megatron.train.multi_tensor import foreach_l2_norm, foreach_scale, foreach_scale_tensor, use_foreach_kernels
 
 
 def _tensors(dtype: torch.dtype) -> list[torch.Tensor]:
@@ -23,9 +23,11 @@ def _tensors(dtype: torch.dtype) -> list[torch.Tensor]:
 @pytest.fixture
 def restored() -> Iterator[None]:
     """Whatever kernels megatron had before the test, back after it."""
-    saved = (clip_grads.l2_norm_impl, clip_grads.multi_tensor_scale_impl, mcore_optimizer.multi_tensor_scale_impl)
+    saved = (clip_grads.l2_norm_impl, clip_grads.multi_tensor_scale_impl, mcore_optimizer.multi_tensor_scale_impl,
+             clip_grads.multi_tensor_scale_tensor_impl)
     yield
-    clip_grads.l2_norm_impl, clip_grads.multi_tensor_scale_impl, mcore_optimizer.multi_tensor_scale_impl = saved
+    (clip_grads.l2_norm_impl, clip_grads.multi_tensor_scale_impl, mcore_optimizer.multi_tensor_scale_impl,
+     clip_grads.multi_tensor_scale_tensor_impl) = saved
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -58,20 +60,35 @@ def test_scale_matches_megatrons_fallback(scale: float, in_place: bool) -> None:
         torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("in_place", [True, False])
+def test_scale_by_a_device_factor_is_the_scale_by_its_value(in_place: bool) -> None:
+    sources = _tensors(torch.float32)
+    expected = [t.clone() for t in sources] if in_place else _tensors(torch.bfloat16)
+    foreach_scale(2048, None, [expected if in_place else sources, expected], 0.37)
+    targets = [t.clone() for t in sources] if in_place else _tensors(torch.bfloat16)
+    foreach_scale_tensor(2048, None, [targets if in_place else sources, targets], torch.tensor([0.37]))
+    for got, want in zip(targets, expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 def test_installed_only_over_megatrons_fallbacks(restored: None) -> None:
     clip_grads.l2_norm_impl = mcore_utils.local_multi_tensor_l2_norm
     clip_grads.multi_tensor_scale_impl = mcore_optimizer.multi_tensor_scale_impl = mcore_utils.local_multi_tensor_scale
+    clip_grads.multi_tensor_scale_tensor_impl = None  # megatron without TE
     assert use_foreach_kernels(True)
     assert clip_grads.l2_norm_impl is foreach_l2_norm
     assert clip_grads.multi_tensor_scale_impl is foreach_scale and mcore_optimizer.multi_tensor_scale_impl is foreach_scale
+    assert clip_grads.multi_tensor_scale_tensor_impl is foreach_scale_tensor
     assert use_foreach_kernels(False)  # optim.foreach_kernels=false: megatron's own fallbacks again
     assert clip_grads.l2_norm_impl is mcore_utils.local_multi_tensor_l2_norm
     assert mcore_optimizer.multi_tensor_scale_impl is mcore_utils.local_multi_tensor_scale
+    assert clip_grads.multi_tensor_scale_tensor_impl is None
 
     def accelerator_kernel(*args: object) -> None:  # stands for TE's or apex's multi-tensor kernel
         raise AssertionError("not called")
 
     clip_grads.l2_norm_impl = clip_grads.multi_tensor_scale_impl = accelerator_kernel
-    mcore_optimizer.multi_tensor_scale_impl = accelerator_kernel
+    mcore_optimizer.multi_tensor_scale_impl = clip_grads.multi_tensor_scale_tensor_impl = accelerator_kernel  # TE
     assert not use_foreach_kernels(True)
     assert clip_grads.l2_norm_impl is accelerator_kernel and mcore_optimizer.multi_tensor_scale_impl is accelerator_kernel
+    assert clip_grads.multi_tensor_scale_tensor_impl is accelerator_kernel

@@ -12,8 +12,9 @@
 # Python: the argument (a venv directory or an interpreter), else .venv/bin/python, else python3.
 # Wheels in .whl/ are installed offline into /tmp/site (--no-deps) and put on PYTHONPATH.
 # Everything goes to $OUT (default /tmp/gpu_check_out): gpu_check.log, parity.json, bench.jsonl,
-# summary.txt, and profile_<case>.{ours,hf}.txt (torch.profiler's kernel table of 2 steps of each
-# side, in the 7b, 7b-pure and moe-pure cases; the device tool brings back 8 files). Knobs (environment):
+# summary.txt, and profiles.tar.gz (profile_<case>.{ours,hf}.txt: torch.profiler's kernel table of 2
+# steps of each side, in the 7b and *-pure cases beside hf; one archive, as the device tool brings back
+# 8 files at most). Knobs (environment):
 # GPU_CHECK_BUDGET_S (default 450: seconds for all cases after the pre-flight; a case that would
 # start with under 45 s left is skipped), WARMUP (3), STEPS (8),
 # MBS_05B / MBS_15B / MBS_7B / MOE_LAYERS (default by GPU memory, see below), FAST (the overrides
@@ -22,7 +23,9 @@
 # "1.5b-pure 1.5b-pure-mbs 0.5b-pure 0.5b-pure-mbs 7b-pure moe-pure moe-eager moe ckpt-bigstep parity": the
 # issue-7 targets furthest from met and what no GPU has measured yet, see tools/GPU_RESULTS.md;
 # also 7b, 1.5b, 0.5b, 7b-pure-mbs, 7b-sameinit, 7b-autocast, 7b-fusion, 7b-liger, 7b-liger-fusion,
-# 1.5b-fusion, 1.5b-plain, 1.5b-liger, ckpt, ckpt-1thread, ckpt-atsave):
+# 1.5b-fusion, 1.5b-plain, 1.5b-liger, ckpt, ckpt-1thread, ckpt-atsave, swiglu):
+# swiglu is tools/bench_swiglu.py (SwiGLU forward + backward on the 1.5B and 7B ffn sizes, each
+# implementation alone, into swiglu.jsonl);
 # 1.5b-plain and 1.5b-liger train ours alone on the plain path, or with the Liger kernels + fused
 # LM loss; moe is hf beside ours with FAST and grouped-GEMM experts (MoE layers compiled in parts),
 # moe-eager ours alone so with FAST less the compiled layers (grouped experts and the loss only); 1.5b-fusion and
@@ -40,8 +43,8 @@
 # numerics ours has, instead of pure bf16; 7b-pure, 1.5b-pure and 0.5b-pure train ours beside hf
 # with optim.fp32_master_weights=false (pure bf16, transformers' numerics and 8 bytes per parameter),
 # 7b-pure-mbs, 1.5b-pure-mbs and 0.5b-pure-mbs ours alone so at twice that shape's micro-batch,
-# moe-pure the moe case so; 7b-pure and moe-pure also write torch.profiler's kernel tables,
-# profile_7b-8L-pure.{ours,hf}.txt and profile_moe-pure.{ours,hf}.txt).
+# moe-pure the moe case so; 7b-pure, 1.5b-pure, 0.5b-pure and moe-pure also write torch.profiler's
+# kernel tables, e.g. profile_7b-8L-pure.{ours,hf}.txt, into profiles.tar.gz).
 # GPU_CHECK_CPU_SMOKE=1 runs the same plumbing on CPU with tiny models and 64-token sequences (to
 # test this script without a GPU; the numbers mean nothing). Results so far: tools/GPU_RESULTS.md.
 set -uo pipefail
@@ -136,11 +139,14 @@ EOF
     local parity=(tools/gpu_parity.py --json-out "$OUT/parity.json")
     # checkpoint save / async save / load timings with one training rank on the GPU, on this disk
     local ckpt=(tools/bench_checkpoint.py --nproc 1 --seq 4096 --micro-batches 8 --precision bf16 --layers 8 --repeats 3 --warmup 3 --dir /tmp)
+    # SwiGLU forward + backward, each implementation on its own (not a training case: no bench.jsonl record)
+    local swiglu=(tools/bench_swiglu.py --shapes qwen2_1.5b,qwen2_7b --tokens 16384 --json-out "$OUT/swiglu.jsonl")
     local p05=qwen2_0.5b p15=qwen2_1.5b p7=qwen2_7b pmoe=qwen2_57b_a14b big_step=32
     if [ "$SMOKE" = 1 ]; then
         bench=(tools/bench_throughput.py --device cpu --seq 64 --warmup 0 --steps 1 --json-out "$OUT/bench.jsonl")
         parity+=(--device cpu --small)
         ckpt=(tools/bench_checkpoint.py --nproc 1 --seq 64 --layers 1 --repeats 1 --dir /tmp)
+        swiglu=(tools/bench_swiglu.py --device cpu --shapes tiny --tokens 256 --iters 2 --json-out "$OUT/swiglu.jsonl")
         p05=tiny p15=tiny p7=tiny pmoe=tiny_moe big_step=4
     fi
     for case in $CASES; do
@@ -171,15 +177,16 @@ EOF
                     --micro-batch $(( mbs7 * 2 )) --only ours "${fast[@]}" "${pure[@]}" \
                     --label qwen2_7b-8L-fast-purebf16-mbs$(( mbs7 * 2 )) ;;
             1.5b-pure) run_case qwen2_1.5b-pure 150 "$t0" "$py" "${bench[@]}" --preset "$p15" --micro-batch "$mbs15" \
-                    "${fast[@]}" "${pure[@]}" --label qwen2_1.5b-fast-purebf16 ;;
+                    "${fast[@]}" "${pure[@]}" --profile "$OUT/profile_1.5b-pure" --label qwen2_1.5b-fast-purebf16 ;;
             1.5b-pure-mbs) run_case qwen2_1.5b-pure-mbs 100 "$t0" "$py" "${bench[@]}" --preset "$p15" \
                     --micro-batch $(( mbs15 * 2 )) --only ours "${fast[@]}" "${pure[@]}" \
                     --label qwen2_1.5b-fast-purebf16-mbs$(( mbs15 * 2 )) ;;
             0.5b-pure) run_case qwen2_0.5b-pure 150 "$t0" "$py" "${bench[@]}" --preset "$p05" --micro-batch "$mbs05" \
-                    "${fast[@]}" "${pure[@]}" --label qwen2_0.5b-fast-purebf16 ;;
+                    "${fast[@]}" "${pure[@]}" --profile "$OUT/profile_0.5b-pure" --label qwen2_0.5b-fast-purebf16 ;;
             0.5b-pure-mbs) run_case qwen2_0.5b-pure-mbs 100 "$t0" "$py" "${bench[@]}" --preset "$p05" \
                     --micro-batch $(( mbs05 * 2 )) --only ours "${fast[@]}" "${pure[@]}" \
                     --label qwen2_0.5b-fast-purebf16-mbs$(( mbs05 * 2 )) ;;
+            swiglu) run_case swiglu 75 "$t0" "$py" "${swiglu[@]}" ;;
             ckpt) run_case checkpoint 120 "$t0" "$py" "${ckpt[@]}" ;;
             ckpt-1thread) run_case checkpoint-1thread 120 "$t0" "$py" "${ckpt[@]}" --write-threads 1 ;;
             ckpt-bigstep) run_case checkpoint-bigstep 150 "$t0" "$py" "${ckpt[@]}" --micro-batches "$big_step" ;;
@@ -212,6 +219,10 @@ EOF
     if [ -f "$OUT/bench.jsonl" ]; then
         "$py" tools/bench_throughput.py --summarize "$OUT/bench.jsonl" | tee "$OUT/summary.txt"
     fi
+    # The device tool brings back 8 files at most: the kernel tables travel as one archive.
+    if compgen -G "$OUT/profile_*.txt" >/dev/null; then
+        (cd "$OUT" && tar czf profiles.tar.gz profile_*.txt && rm -f profile_*.txt)
+    fi
 }
 
 # run_case NAME LIMIT_S T0 CMD...: run CMD under min(LIMIT_S, what is left of the budget since T0).
@@ -234,7 +245,7 @@ run_case() {
     timeout -k 10 "$limit" "$@"
     rc=$?
     echo "=== $name: exit $rc after $(( $(date +%s) - now ))s"
-    if [ "$name" != parity ] && [ "${name#checkpoint}" = "$name" ] && [ "$(cat "$OUT/bench.jsonl" 2>/dev/null | wc -l)" -eq "$before" ]; then
+    if [ "$name" != parity ] && [ "$name" != swiglu ] && [ "${name#checkpoint}" = "$name" ] && [ "$(cat "$OUT/bench.jsonl" 2>/dev/null | wc -l)" -eq "$before" ]; then
         if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
             echo "{\"case\": \"$name\", \"timed_out_s\": $limit}" >> "$OUT/bench.jsonl"
         else

@@ -6,8 +6,10 @@ tensor and turns each into a Python float (one device synchronisation per gradie
 a step with clipping), and scaling allocates a product per tensor before copying it back.
 torch's _foreach_norm / _foreach_mul_ / _foreach_copy_ do the same arithmetic in a few
 multi-tensor kernels with no synchronisation. They are installed through the module-level kernel
-choices megatron makes at import (l2_norm_impl, multi_tensor_scale_impl), only where those are
-still megatron's fallbacks, so TE's or apex's kernels are never replaced.
+choices megatron makes at import (l2_norm_impl, multi_tensor_scale_impl, and the
+multi_tensor_scale_tensor_impl that only TE provides: with it, megatron returns the gradient norm
+as a device tensor, as it does under TE), only where those are still megatron's fallbacks, so
+TE's or apex's kernels are never replaced.
 """
 
 from __future__ import annotations
@@ -48,6 +50,20 @@ def foreach_scale(
         torch._foreach_copy_(targets, torch._foreach_mul(sources, scale))
 
 
+def foreach_scale_tensor(
+    chunk_size: int, noop_flag: torch.Tensor, tensor_lists: list[list[torch.Tensor]], scale: torch.Tensor
+) -> None:
+    """tensor_lists[1][i] = tensor_lists[0][i] * scale, scale a 1-element device tensor (Transformer
+    Engine's multi_tensor_scale_tensor contract): read on the device, never on the host."""
+    del chunk_size, noop_flag
+    sources, targets = tensor_lists
+    factor = scale.reshape(())
+    if all(source is target for source, target in zip(sources, targets, strict=True)):
+        torch._foreach_mul_(targets, factor)
+    else:
+        torch._foreach_copy_(targets, torch._foreach_mul(sources, factor))
+
+
 def use_foreach_kernels(enabled: bool) -> bool:
     """Put the foreach kernels (enabled) or megatron-core's own fallbacks back where megatron
     uses its fallbacks; True if it did. A kernel of Transformer Engine or apex is always kept.
@@ -55,6 +71,9 @@ def use_foreach_kernels(enabled: bool) -> bool:
     swapped = False
     choices = (
         (clip_grads, "l2_norm_impl", mcore_utils.local_multi_tensor_l2_norm, foreach_l2_norm),
+        # TE's tensor-scale kernel, absent without TE (None): with it, megatron's gradient norm stays
+        # a device tensor (no host synchronisation) and its clipping reads the factor on the device
+        (clip_grads, "multi_tensor_scale_tensor_impl", None, foreach_scale_tensor),
         (clip_grads, "multi_tensor_scale_impl", mcore_utils.local_multi_tensor_scale, foreach_scale),
         (mcore_optimizer, "multi_tensor_scale_impl", mcore_utils.local_multi_tensor_scale, foreach_scale),
     )

@@ -128,23 +128,76 @@ def guarded_step(optimizer: MegatronOptimizer, clip_in_fused_adam: bool = False)
     (optim.clip_in_fused_adam) and torch's fused AdamW everywhere, the clipping factor goes to
     the fused kernel as its grad_scale (the AMP unscaling input: gradients divided by it as they
     are read), which saves the separate multiply over all fp32 gradients.
+
+    Where megatron gives the norm as a device tensor (optim.foreach_kernels, or TE) and the update
+    is torch's fused AdamW throughout, the decision is taken on the device too (_step_on_device):
+    the host reads the norm only after the update is queued, so the GPU never idles between the
+    backward pass and the optimizer step waiting for the host.
     """
     if optimizer.prepare_grads():  # an fp16 loss scaler found inf/NaN (and lowered its scale)
         return False, float("nan")
-    norm = float(optimizer.get_grad_norm())
-    if not math.isfinite(norm):
-        return False, norm
+    norm = optimizer.get_grad_norm()
     inners = stepping_optimizers(optimizer)
-    scaled = _clip_in_fused_adam(inners, norm) if clip_in_fused_adam else []
+    if isinstance(norm, torch.Tensor) and (adams := _device_decidable(inners, clip_in_fused_adam)):
+        return _step_on_device(optimizer, adams, inners[0].config.clip_grad, norm)
+    value = float(norm)
+    if not math.isfinite(value):
+        return False, value
+    scaled = _clip_in_fused_adam(inners, value) if clip_in_fused_adam else []
     if not scaled:
         for inner in inners:
-            if inner.config.clip_grad > 0.0:
+            if inner.config.clip_grad > 0.0:  # megatron's clipping, given the norm as megatron gave it
                 _clip_by_total_norm(inner.get_parameters(), inner.config.clip_grad, norm)
     try:
-        return bool(optimizer.step_with_ready_grads()), norm
+        return bool(optimizer.step_with_ready_grads()), value
     finally:
         for adam in scaled:
             del adam.grad_scale
+
+
+def _fused_adams(inners: list[Any]) -> list[Any]:
+    """The torch AdamW of every inner optimizer if each is torch's fused AdamW, else []."""
+    adams = [getattr(inner, "optimizer", None) for inner in inners]
+    fused = all(isinstance(a, torch.optim.Adam | torch.optim.AdamW) and all(g.get("fused") for g in a.param_groups)
+                for a in adams)
+    return adams if adams and fused else []
+
+
+def _device_decidable(inners: list[Any], clip_in_fused_adam: bool) -> list[Any]:
+    """The fused AdamWs that can take the step decision and the clipping on the device, or []:
+    torch's fused AdamW everywhere (it skips its update where its found_inf input is 1), and
+    either no clipping or one clip_grad applied inside those kernels (clip_in_fused_adam)."""
+    clips = {inner.config.clip_grad for inner in inners}
+    if len(clips) != 1 or (clips.pop() > 0.0 and not clip_in_fused_adam):
+        return []
+    return _fused_adams(inners)
+
+
+def _step_on_device(optimizer: MegatronOptimizer, adams: list[Any], clip: float, norm: torch.Tensor) -> tuple[bool, float]:
+    """guarded_step's update with its decision in the fused AdamW kernels: found_inf = 1 where the
+    norm is not finite (the kernel then changes neither weights nor states, and torch takes its
+    step count back), grad_scale = megatron's clipping factor inverted where it clips (as
+    _clip_in_fused_adam), 1 elsewhere. Skipped updates leave megatron's copies of unchanged
+    weights (master -> model parameters) unchanged too."""
+    norm = norm.detach().reshape(()).float()
+    finite = torch.isfinite(norm)
+    found_inf = (~finite).float()
+    scale = None
+    if clip > 0.0:
+        scale = torch.where(finite, ((norm + 1.0e-6) / clip).clamp(min=1.0), torch.ones_like(norm))
+    try:
+        for adam in adams:
+            device = adam.param_groups[0]["params"][0].device
+            adam.found_inf = found_inf.to(device)
+            if scale is not None:
+                adam.grad_scale = scale.to(device)
+        updated = bool(optimizer.step_with_ready_grads())
+    finally:
+        for adam in adams:
+            adam.__dict__.pop("found_inf", None)
+            adam.__dict__.pop("grad_scale", None)
+    value = float(norm)  # the one synchronisation, with the update already queued behind it
+    return updated and math.isfinite(value), value
 
 
 def _clip_coefficient(clip: float, norm: float) -> float:
@@ -152,14 +205,14 @@ def _clip_coefficient(clip: float, norm: float) -> float:
     return clip / (norm + 1.0e-6)
 
 
-def _clip_by_total_norm(params: list[torch.nn.Parameter], clip: float, norm: float) -> None:
+def _clip_by_total_norm(params: list[torch.nn.Parameter], clip: float, norm: float | torch.Tensor) -> None:
     """megatron's clipping of fp32 gradients; the bf16 gradients of pure bf16 (optim.fp32_master_weights
     =false), which megatron's function refuses, are scaled by the same factor with torch's foreach kernel."""
     grads = [p.grad for p in params if p.grad is not None]
     if all(g.dtype == torch.float32 for g in grads):
         # looked up at call time: the CPU compatibility layer wraps it after import
         clip_grads.clip_grad_by_total_norm_fp32(params, clip, norm)
-    elif (coeff := _clip_coefficient(clip, norm)) < 1.0:
+    elif (coeff := _clip_coefficient(clip, float(norm))) < 1.0:
         torch._foreach_mul_(grads, coeff)
 
 
@@ -167,11 +220,9 @@ def _clip_in_fused_adam(inners: list[Any], norm: float) -> list[Any]:
     """Hand megatron's clipping factor (clip_grad / (norm + 1e-6), applied when below 1) to each
     torch fused AdamW as grad_scale = 1 / factor; the optimizers so set, or [] (then clip as
     megatron does) unless every one of them is torch's fused AdamW with the same clip_grad."""
-    adams = [getattr(inner, "optimizer", None) for inner in inners]
-    fused = all(isinstance(a, torch.optim.Adam | torch.optim.AdamW) and all(g.get("fused") for g in a.param_groups)
-                for a in adams)
+    adams = _fused_adams(inners)
     clips = {inner.config.clip_grad for inner in inners}
-    if not fused or len(clips) != 1 or (clip := clips.pop()) <= 0.0:  # clip_grad <= 0: no clipping
+    if not adams or len(clips) != 1 or (clip := clips.pop()) <= 0.0:  # clip_grad <= 0: no clipping
         return []
     coeff = _clip_coefficient(clip, norm)
     if coeff >= 1.0:  # megatron scales only by factors below 1

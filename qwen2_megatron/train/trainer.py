@@ -140,7 +140,13 @@ class Trainer:
 
     def _micro_batches(self, loader: Any) -> list[dict[str, torch.Tensor]]:
         n = num_microbatches(self.cfg, self.runtime.layout.dp)
-        return [{k: v.to(self.runtime.device) for k, v in next(loader).items()} for _ in range(n)]
+        device = self.runtime.device
+        # A copy from pageable host memory waits for the device's queue (the last update) to drain;
+        # from pinned memory it is queued behind it, and the host goes on launching the step.
+        pin = device.type == "cuda"
+        return [{k: (v.pin_memory() if pin and not v.is_cuda else v).to(device, non_blocking=pin)
+                 for k, v in next(loader).items()}
+                for _ in range(n)]
 
     # ----- one step -----------------------------------------------------------------------------
 
@@ -150,9 +156,10 @@ class Trainer:
         self.optimizer.zero_grad()
         batches = self._micro_batches(self.loader)
         losses = forward_backward(self.model, batches, fused_loss=self.fused_loss)
-        loss = self._global_mean([d["lm loss"] for d in losses])
+        mean_loss = self._global_mean([d["lm loss"] for d in losses])
         self.checkpoints.before_update()  # a staged asynchronous save may still be copying the state
         stepped, grad_norm = guarded_step(self.optimizer, self.cfg.optim.clip_in_fused_adam)
+        loss = float(mean_loss)  # read once the update is queued: the device has work while the host waits
         self.last_grad_norm = grad_norm
         finite = stepped and math.isfinite(loss)
         if finite:
@@ -178,17 +185,20 @@ class Trainer:
                 "optim.lr, check the data, or raise train.max_consecutive_skips"
             )
 
-    def _global_mean(self, values: list[torch.Tensor]) -> float:
-        """Mean over micro-batches and data-parallel replicas, known on every rank.
+    def _global_mean(self, values: list[torch.Tensor]) -> torch.Tensor:
+        """Mean over micro-batches and data-parallel replicas, known on every rank, as a float64
+        device tensor: reading it synchronises with the device, which the caller does when it needs
+        the number (after queuing the update, in a training step).
 
         Losses exist on the last pipeline stage only (on each of its TP ranks); the other ranks
         contribute zeros and are not counted.
         """
-        total = torch.tensor(
-            [sum(float(v) for v in values), float(len(values))], dtype=torch.float64, device=self.runtime.device
-        )
+        total = torch.zeros(2, dtype=torch.float64, device=self.runtime.device)
+        if values:
+            total[0] = torch.stack([v.detach().reshape(()) for v in values]).double().sum()
+            total[1] = len(values)
         dist.all_reduce(total)
-        return (total[0] / total[1]).item()
+        return total[0] / total[1]
 
     # ----- the loop -----------------------------------------------------------------------------
 
@@ -339,7 +349,7 @@ class Trainer:
             values += [d["lm loss"] for d in out]
         for chunk in self.model:
             chunk.train()
-        return self._global_mean(values)
+        return float(self._global_mean(values))
 
     def close(self) -> None:
         """Release what outlives a step: files, loaders, the W&B run; the previous signal
