@@ -9,7 +9,10 @@ compiled, dynamo graph breaks.
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -82,6 +85,35 @@ class _Counting:
         self.originals = {name: getattr(liger, name) for name in liger.KERNELS}
         for name, fn in self.originals.items():
             setattr(liger, name, self._wrap(name, fn))
+        # runs of Liger's fused gate-up SwiGLU kernels themselves (inside a compiled graph the
+        # wrapper above is traced, not called, while the qwen2_megatron::swiglu operator runs them)
+        from liger_kernel.ops import swiglu
+
+        self.swiglu_op_calls = 0
+        for name in ("swiglu_fused_gate_up_forward", "swiglu_fused_gate_up_backward"):
+            setattr(swiglu, name, self._count_op(getattr(swiglu, name)))
+
+    @contextmanager
+    def wrappers_off(self) -> Iterator[None]:
+        """liger's own functions while compiled layers are traced: the counting wrappers' side
+        effect (a Python counter that dynamo guards on) would make dynamo recompile at every call."""
+        from qwen2_megatron.model import liger
+
+        counted = {name: getattr(liger, name) for name in liger.KERNELS}
+        for name, fn in self.originals.items():
+            setattr(liger, name, fn)
+        try:
+            yield
+        finally:
+            for name, fn in counted.items():
+                setattr(liger, name, fn)
+
+    def _count_op(self, fn: Any) -> Any:
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            self.swiglu_op_calls += 1
+            return fn(*args, **kwargs)
+
+        return counted
 
     def _wrap(self, name: str, fn: Any) -> Any:
         def counted(*args: Any, **kwargs: Any) -> Any:
@@ -113,7 +145,7 @@ def _variant(shape: Any, layout: Any, reference: dict[str, Tensor], batches: lis
 
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    before = dict(counting.calls)
+    before, op_before = dict(counting.calls), counting.swiglu_op_calls
     chunks = build_model(shape, layout, fast=FastPaths(variant.liger, variant.compile), **build, **variant.overrides)
     chunks[0].load_state_dict(reference, strict=True)
     modules = list(chunks[0].modules())
@@ -123,11 +155,13 @@ def _variant(shape: Any, layout: Any, reference: dict[str, Tensor], batches: lis
         "rope": sum(isinstance(m, local_modules.LigerRopeSelfAttention) for m in modules),
     }
     compiled = compiled_layers(chunks[0].decoder.layers)
-    losses, grads = _train_pass(chunks, batches)
+    with counting.wrappers_off() if compiled else contextlib.nullcontext():
+        losses, grads = _train_pass(chunks, batches)
     breaks = dict(torch._dynamo.utils.counters["graph_break"])
     return {
         "losses": losses, "grads": grads, "swapped": swapped, "compiled": compiled,
         "kernel_calls": {k: counting.calls[k] - before[k] for k in counting.calls},
+        "swiglu_op_calls": counting.swiglu_op_calls - op_before,
         "graph_breaks": {str(k)[:200]: v for k, v in breaks.items()},
         "graphs": torch._dynamo.utils.counters["stats"]["unique_graphs"],
     }

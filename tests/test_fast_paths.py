@@ -9,8 +9,10 @@ One spawn of two gloo ranks (megatron's import dominates start-up), in which:
 - Compiled layers run on inductor's C++ backend: the model with full recompute at DP2 (TP1)
   against eager (losses and gradients; one no-grad and one grad graph shared by both layers, no
   graph break); an MoE model at EP2 with grouped experts, its layers compiled in parts, against
-  eager (one graph per part shared by both layers, no graph break); two Trainer steps with train.compile=layers (megatron DDP, distributed
-  optimizer, the trainer's default overlap settings).
+  eager (one graph per part shared by both layers, no graph break); compiled layers with Liger's
+  SwiGLU inside their graph as an operator (interpreted kernels; one graph, no break); two Trainer
+  steps with train.compile=layers (megatron DDP, distributed optimizer, the trainer's default
+  overlap settings).
 Each fast result also proves the fast path ran (kernel calls counted, modules swapped, layers
 compiled). In this process: validation of the settings and the fallbacks.
 """
@@ -48,6 +50,8 @@ CASES = {
         shape={f: getattr(get_preset("tiny"), f) for f in (
             "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads")},
         seq=TRAIN_SEQ),
+    # compiled layers with Liger's SwiGLU inside their graphs, an operator of its own (odd MLP width 80)
+    "dp2_swiglu": Case(ParallelLayout(), [Variant("compile_liger_swiglu", ("swiglu",), compile="layers")]),
     # MoE layers compiled in parts, their routed experts split over two expert-parallel ranks
     "ep2_moe": Case(ParallelLayout(ep=2), [Variant("compile_moe", compile="layers")],
                     shape={"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
@@ -106,6 +110,11 @@ def test_fast_model_equals_plain_model(runs: list[dict], layout: str, variant: s
         if variant == "liger":  # every norm (4 in layers + final), MLP and attention swapped, and called
             assert got["swapped"] == {"rms_norm": 5, "swiglu": 2, "rope": 2} and got["compiled"] == 0
             assert all(got["kernel_calls"][k] > 0 for k in ALL)
+        elif variant == "compile_liger_swiglu":
+            # both MLPs swapped, both layers compiled into one graph shared by the two, no break, and
+            # Liger's kernels run as the graph's operator (forward and backward, 2 layers x 2 micro-batches)
+            assert got["swapped"] == {"rms_norm": 0, "swiglu": 2, "rope": 0} and got["compiled"] == 2
+            assert got["graphs"] == 1 and got["graph_breaks"] == {} and got["swiglu_op_calls"] == 8
         elif layout == "ep2_moe":
             # both layers' four parts compiled, one graph each shared by the layers; the routed
             # activation's token count differs per EP rank and micro-batch: once more, with a dynamic size
@@ -137,7 +146,7 @@ def test_trainer_with_fast_path_follows_the_plain_trajectory(runs: list[dict], n
     ({"liger_kernels": ["rms_norm", "fused_attention"]}, ParallelLayout(), "distinct names from"),
     ({"liger_kernels": ["rope", "rope"]}, ParallelLayout(), "distinct names from"),
     ({"compile": "all"}, ParallelLayout(), "train.compile"),
-    ({"compile": "layers", "liger_kernels": ["swiglu"]}, ParallelLayout(), "alternatives"),
+    ({"compile": "layers", "liger_kernels": ["swiglu", "rms_norm"]}, ParallelLayout(), r"\['rms_norm'\] are alternatives"),
     ({"compile": "layers"}, ParallelLayout(tp=2), "tensor parallel size 1"),
     ({"compile": "layers", "recompute": "selective"}, ParallelLayout(), "selective"),
 ])
@@ -149,6 +158,7 @@ def test_invalid_settings_fail_validation(tmp_path: Path, train: dict, layout: P
 
 def test_valid_settings_pass_validation(tmp_path: Path) -> None:
     validate(_trainer_cfg(tmp_path, "a", compile="layers", recompute="full"), world_size=2)
+    validate(_trainer_cfg(tmp_path, "c", compile="layers", liger_kernels=["swiglu"]), world_size=2)
     validate(replace(_trainer_cfg(tmp_path, "b", liger_kernels=["swiglu", "rope"]),
                      parallel=ParallelLayout(tp=2, sequence_parallel=True)), world_size=2)
 
@@ -179,8 +189,9 @@ def test_fallbacks_print_one_notice(monkeypatch: pytest.MonkeyPatch, capsys: pyt
 def test_fast_paths_refuse_unsupported_combinations() -> None:
     with pytest.raises(ValueError, match="choose from"):
         FastPaths(("layer_norm",))
-    with pytest.raises(ValueError, match="alternatives"):
-        FastPaths(("rms_norm",), "layers")
+    with pytest.raises(ValueError, match=r"\['rms_norm'\] and compiled layers are alternatives"):
+        FastPaths(("rms_norm", "swiglu"), "layers")
+    assert FastPaths(("swiglu",), "layers").liger == ("swiglu",)  # runs inside the compiled layers
     for config, match in (({"tensor_model_parallel_size": 2, "recompute_granularity": None}, "tensor parallel"),
                           ({"tensor_model_parallel_size": 1, "recompute_granularity": "selective"}, "selective")):
         with pytest.raises(ValueError, match=match):

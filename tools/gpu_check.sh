@@ -20,10 +20,11 @@
 # MBS_05B / MBS_15B / MBS_7B / MOE_LAYERS (default by GPU memory, see below), FAST (the overrides
 # of "ours" beside hf in the 1.5b, 7b, 0.5b and moe cases; default compiled layers + compiled fused LM
 # loss with its gradients in forward), CASES (run in order while the budget lasts; default
-# "1.5b-pure 1.5b-pure-mbs 0.5b-pure 0.5b-pure-mbs 7b-pure moe-pure moe-eager moe ckpt-bigstep parity": the
-# issue-7 targets furthest from met and what no GPU has measured yet, see tools/GPU_RESULTS.md;
-# also 7b, 1.5b, 0.5b, 7b-pure-mbs, 7b-sameinit, 7b-autocast, 7b-fusion, 7b-liger, 7b-liger-fusion,
-# 1.5b-fusion, 1.5b-plain, 1.5b-liger, ckpt, ckpt-1thread, ckpt-atsave, swiglu):
+# "1.5b-pure 1.5b-swiglu 0.5b-pure 0.5b-swiglu 7b-pure 7b-swiglu parity moe-pure moe-eager ckpt-bigstep moe":
+# the issue-7 targets furthest from met and what no GPU has measured yet, see tools/GPU_RESULTS.md;
+# *-swiglu is ours alone as the *-pure case with Liger's SwiGLU inside the compiled layers;
+# also 7b, 1.5b, 0.5b, 1.5b-pure-mbs, 0.5b-pure-mbs, 7b-pure-mbs, 7b-sameinit, 7b-autocast, 7b-fusion,
+# 7b-liger, 7b-liger-fusion, 1.5b-fusion, 1.5b-plain, 1.5b-liger, ckpt, ckpt-1thread, ckpt-atsave, swiglu):
 # swiglu is tools/bench_swiglu.py (SwiGLU forward + backward on the 1.5B and 7B ffn sizes, each
 # implementation alone, into swiglu.jsonl);
 # 1.5b-plain and 1.5b-liger train ours alone on the plain path, or with the Liger kernels + fused
@@ -69,7 +70,7 @@ mkdir -p "$OUT"
 BUDGET_S=${GPU_CHECK_BUDGET_S:-450}
 WARMUP=${WARMUP:-3}
 STEPS=${STEPS:-8}
-CASES=${CASES:-1.5b-pure 1.5b-pure-mbs 0.5b-pure 0.5b-pure-mbs 7b-pure moe-pure moe-eager moe ckpt-bigstep parity}
+CASES=${CASES:-1.5b-pure 1.5b-swiglu 0.5b-pure 0.5b-swiglu 7b-pure 7b-swiglu parity moe-pure moe-eager ckpt-bigstep moe}
 read -r -a FAST <<< "${FAST:-train.compile=layers train.fused_lm_loss=true train.fused_lm_loss_compile=true train.fused_lm_loss_grad_in_forward=true}"
 SMOKE=${GPU_CHECK_CPU_SMOKE:-0}
 
@@ -178,6 +179,15 @@ EOF
                     --label qwen2_7b-8L-fast-purebf16-mbs$(( mbs7 * 2 )) ;;
             1.5b-pure) run_case qwen2_1.5b-pure 150 "$t0" "$py" "${bench[@]}" --preset "$p15" --micro-batch "$mbs15" \
                     "${fast[@]}" "${pure[@]}" --profile "$OUT/profile_1.5b-pure" --label qwen2_1.5b-fast-purebf16 ;;
+            1.5b-swiglu) run_case qwen2_1.5b-swiglu 100 "$t0" "$py" "${bench[@]}" --preset "$p15" \
+                    --micro-batch "$mbs15" --only ours "${fast[@]}" --override "train.liger_kernels=[swiglu]" "${pure[@]}" \
+                    --label qwen2_1.5b-fast-ligerswiglu-purebf16 ;;
+            0.5b-swiglu) run_case qwen2_0.5b-swiglu 100 "$t0" "$py" "${bench[@]}" --preset "$p05" \
+                    --micro-batch "$mbs05" --only ours "${fast[@]}" --override "train.liger_kernels=[swiglu]" "${pure[@]}" \
+                    --label qwen2_0.5b-fast-ligerswiglu-purebf16 ;;
+            7b-swiglu) run_case qwen2_7b-8L-swiglu 100 "$t0" "$py" "${bench[@]}" --preset "$p7" --layers 8 \
+                    --micro-batch "$mbs7" --only ours "${fast[@]}" --override "train.liger_kernels=[swiglu]" "${pure[@]}" \
+                    --label qwen2_7b-8L-fast-ligerswiglu-purebf16 ;;
             1.5b-pure-mbs) run_case qwen2_1.5b-pure-mbs 100 "$t0" "$py" "${bench[@]}" --preset "$p15" \
                     --micro-batch $(( mbs15 * 2 )) --only ours "${fast[@]}" "${pure[@]}" \
                     --label qwen2_1.5b-fast-purebf16-mbs$(( mbs15 * 2 )) ;;

@@ -12,7 +12,8 @@ same random tokens through torch SDPA attention. Checks:
   times transformers' own bf16 error, plus a small floor (bf16 rounding differs between any two
   implementations, so "as accurate as transformers" is the criterion), both in mean and in loss;
 - fast paths (dense): bf16 loss and gradients of our model with each fast path (Liger kernels
-  when liger-kernel is installed, compiled layers, the fused LM loss eager, compiled, and compiled
+  and compiled layers with Liger's SwiGLU inside when liger-kernel is installed, compiled layers,
+  the fused LM loss eager, compiled, and compiled
   with its gradients computed in forward and added into main_grad, weight-
   gradient accumulation into main_grad alone and with compiled layers + fused LM loss) against
   the fp32 reference are within --bf16-factor of the plain bf16 path's error (relative L2 over
@@ -160,7 +161,9 @@ def check_fast_paths(path: Path, tokens: Any, labels: Any, runtime: Any, ref_gra
                 "compiled layers + fused LM loss + weight-gradient fusion": (
                     FastPaths(compile="layers"), FusedLMLoss(), True)}
     if liger.available():
-        variants = {"liger kernels": (FastPaths(liger=liger.KERNELS), None, False), **variants}
+        variants = {"liger kernels": (FastPaths(liger=liger.KERNELS), None, False),
+                    "compiled layers + Liger SwiGLU": (FastPaths(liger=liger.WITH_COMPILED_LAYERS, compile="layers"),
+                                                       None, False), **variants}
     else:
         print("     liger-kernel not installed: Liger kernels not checked")
     for label, (fast, fused, wgrad_fusion) in variants.items():

@@ -11,8 +11,10 @@
 Both are for megatron-core's local layers: with Transformer Engine's layers (TE installed and a
 GPU) they are skipped with a notice. Without a GPU (and outside Triton's interpreter) the Liger
 kernels cannot run and are skipped with a notice; torch.compile runs on CPU too (inductor's C++
-backend), which is how the tests check it. The two are alternatives, not combined; compiled layers
-need tensor parallel size 1 and recompute none or full (compile_decoder_layers).
+backend), which is how the tests check it. The two are alternatives except for Liger's SwiGLU,
+which runs inside a compiled layer as an operator of its own (inductor's own SwiGLU backward on
+megatron's fused [gate | up] layout is the slow part there: liger.swiglu); compiled layers need
+tensor parallel size 1 and recompute none or full (compile_decoder_layers).
 """
 
 from __future__ import annotations
@@ -39,10 +41,10 @@ class FastPaths:
             raise ValueError(f"liger kernels {unknown}: choose from {list(liger.KERNELS)}")
         if self.compile not in COMPILE_MODES:
             raise ValueError(f"compile={self.compile!r}: choose one of {list(COMPILE_MODES)}")
-        if self.liger and self.compile != "none":
-            # Dynamo cannot trace Liger's kernels everywhere (not under Triton's interpreter), and
-            # inductor generates its own fused kernels for the same operations.
-            raise ValueError("Liger kernels and compiled layers are alternatives: choose one")
+        if self.compile != "none" and (apart := sorted(set(self.liger) - set(liger.WITH_COMPILED_LAYERS))):
+            # inductor generates its own fused kernels for these; Liger's SwiGLU runs inside the
+            # compiled graph as an operator of its own (liger.swiglu)
+            raise ValueError(f"Liger kernels {apart} and compiled layers are alternatives: choose one")
 
     def resolve(self, te: bool) -> FastPaths:
         """The fast paths that apply to a model built with (te) or without Transformer Engine layers.

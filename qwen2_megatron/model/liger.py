@@ -19,6 +19,9 @@ import torch
 from torch import Tensor
 
 KERNELS = ("rms_norm", "swiglu", "rope")
+# the kernels that also run inside compiled layers (train.compile=layers), as operators of their own;
+# for the others inductor fuses the same arithmetic itself
+WITH_COMPILED_LAYERS = ("swiglu",)
 INSTALL_HINT = "pip install 'qwen2-megatron[fast]' (or liger-kernel)"
 
 
@@ -62,13 +65,52 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
 
 
 def swiglu(gate_up: Tensor) -> Tensor:
-    """silu(gate) * up for megatron's fused fc1 output [..., 2 * ffn] = [gate | up]."""
-    from liger_kernel.ops.swiglu import LigerFusedGateUpSiLUMulFunction
+    """silu(gate) * up for megatron's fused fc1 output [..., 2 * ffn] = [gate | up].
 
-    shape = gate_up.shape
-    # Liger's backward returns the gradient in its 2-D view: give it a 2-D input.
-    out = LigerFusedGateUpSiLUMulFunction.apply(gate_up.reshape(-1, shape[-1]), False)
-    return out.view(*shape[:-1], shape[-1] // 2)
+    Liger's fused gate-up kernels (one Triton program per row reads gate, up and the incoming
+    gradient once and writes both halves of the gradient) run as an operator of their own
+    (qwen2_megatron::swiglu, with its backward): torch.compile keeps it whole inside a compiled
+    layer instead of tracing Liger's Python, so compiled layers can use it (train.compile=layers
+    with train.liger_kernels=[swiglu]). There inductor would write that gradient as one masked
+    concatenation kernel, twice the time of this one on an H200 (tools/GPU_RESULTS.md).
+    """
+    return torch.ops.qwen2_megatron.swiglu(gate_up)
+
+
+@torch.library.custom_op("qwen2_megatron::swiglu", mutates_args=())
+def _swiglu(gate_up: Tensor) -> Tensor:
+    from liger_kernel.ops.swiglu import swiglu_fused_gate_up_forward
+
+    return swiglu_fused_gate_up_forward(gate_up.contiguous())[1]
+
+
+@_swiglu.register_fake
+def _swiglu_shape(gate_up: Tensor) -> Tensor:
+    return gate_up.new_empty((*gate_up.shape[:-1], gate_up.shape[-1] // 2))
+
+
+@torch.library.custom_op("qwen2_megatron::swiglu_backward", mutates_args=())
+def _swiglu_backward(gate_up: Tensor, grad: Tensor) -> Tensor:
+    from liger_kernel.ops.swiglu import swiglu_fused_gate_up_backward
+
+    return swiglu_fused_gate_up_backward(gate_up.contiguous(), grad.contiguous()).view(gate_up.shape)
+
+
+@_swiglu_backward.register_fake
+def _swiglu_backward_shape(gate_up: Tensor, grad: Tensor) -> Tensor:
+    return torch.empty_like(gate_up)
+
+
+def _swiglu_save(ctx: object, inputs: tuple[Tensor], output: Tensor) -> None:
+    ctx.save_for_backward(inputs[0])  # type: ignore[attr-defined]
+
+
+def _swiglu_grad(ctx: object, grad: Tensor) -> Tensor:
+    (gate_up,) = ctx.saved_tensors  # type: ignore[attr-defined]
+    return _swiglu_backward(gate_up, grad)
+
+
+_swiglu.register_autograd(_swiglu_grad, setup_context=_swiglu_save)
 
 
 def rope(query: Tensor, key: Tensor, freqs: Tensor) -> tuple[Tensor, Tensor]:

@@ -265,9 +265,10 @@ def _check_fast_paths(t: TrainConfig, layout: ParallelLayout) -> None:
         raise ConfigError(f"train.liger_kernels={kernels} needs the liger-kernel package: {liger.INSTALL_HINT}")
     if t.compile == "none":
         return
-    if kernels:
-        raise ConfigError("train.compile=layers and train.liger_kernels are alternatives (inductor fuses the "
-                          "norms, SwiGLU and RoPE itself); set train.liger_kernels=[] or train.compile=none")
+    if apart := [k for k in kernels if k not in liger.WITH_COMPILED_LAYERS]:
+        raise ConfigError(f"train.compile=layers and train.liger_kernels={apart} are alternatives (inductor fuses "
+                          f"those itself; only {list(liger.WITH_COMPILED_LAYERS)} combines with compiled layers); "
+                          "drop them from train.liger_kernels or set train.compile=none")
     if layout.tp > 1:
         raise ConfigError(f"train.compile=layers supports tensor parallel size 1 only (tp={layout.tp}): the "
                           "asynchronous collectives of megatron's tensor-parallel linears break the compiled graphs")
