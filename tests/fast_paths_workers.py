@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -93,7 +92,7 @@ class _Counting:
         for name in ("swiglu_fused_gate_up_forward", "swiglu_fused_gate_up_backward"):
             setattr(swiglu, name, self._count_op(getattr(swiglu, name)))
 
-    @contextmanager
+    @contextlib.contextmanager
     def wrappers_off(self) -> Iterator[None]:
         """liger's own functions while compiled layers are traced: the counting wrappers' side
         effect (a Python counter that dynamo guards on) would make dynamo recompile at every call."""

@@ -10,12 +10,13 @@ arithmetic on separate gate and up tensors. inductor writes the gradient [d gate
 pointwise concatenation kernel, each output element computing its own half behind masked loads.
 
 Ways (each forward + backward of silu(gate) * up, from the same input and output gradient):
-- megatron: torch.compile of megatron's glu (torch.chunk of the fused tensor), as the compiled layers
-  run it now;
+- megatron: torch.compile of megatron's glu (torch.chunk of the fused tensor), as compiled layers
+  run it without Liger;
 - separate: torch.compile of the same on separate, contiguous gate and up tensors (transformers'
   layout; not a drop-in, it needs two fc1 outputs): the kernel to match;
-- liger: Liger's fused gate-up kernel (LigerFusedGateUpSiLUMulFunction; one Triton program per row
-  reads gate, up and the gradient once and writes both halves), if liger-kernel is installed and runs;
+- liger: Liger's fused gate-up kernels through liger.swiglu (one Triton program per row reads gate,
+  up and the gradient once and writes both halves; what compiled layers run with
+  train.liger_kernels=[swiglu]), if liger-kernel is installed and runs;
 - concat: the megatron way with inductor's pointwise cats off (each half written into its slice:
   ConcatKernel), where this torch has the option (max_complex_pointwise_cat_inputs, torch >= 2.12);
 - interleaved: the megatron way on a [tokens, ffn, 2] layout (gate and up of a column side by side;

@@ -135,6 +135,8 @@ EOF
     # optim.fp32_master_weights=false: bf16 weights, gradients and Adam states, as transformers' baseline
     # (--dtype bf16: the GPU default, stated for the CPU smoke run)
     local pure=(--dtype bf16 --override optim.distributed_optimizer=false --override optim.fp32_master_weights=false)
+    # the *-swiglu cases: ours alone as *-pure, with Liger's SwiGLU inside the compiled layers
+    local liger_swiglu=(--only ours "${fast[@]}" --override "train.liger_kernels=[swiglu]" "${pure[@]}")
     t0=$(date +%s)
     local bench=(tools/bench_throughput.py --seq 4096 --warmup "$WARMUP" --steps "$STEPS" --json-out "$OUT/bench.jsonl")
     local parity=(tools/gpu_parity.py --json-out "$OUT/parity.json")
@@ -180,14 +182,11 @@ EOF
             1.5b-pure) run_case qwen2_1.5b-pure 150 "$t0" "$py" "${bench[@]}" --preset "$p15" --micro-batch "$mbs15" \
                     "${fast[@]}" "${pure[@]}" --profile "$OUT/profile_1.5b-pure" --label qwen2_1.5b-fast-purebf16 ;;
             1.5b-swiglu) run_case qwen2_1.5b-swiglu 100 "$t0" "$py" "${bench[@]}" --preset "$p15" \
-                    --micro-batch "$mbs15" --only ours "${fast[@]}" --override "train.liger_kernels=[swiglu]" "${pure[@]}" \
-                    --label qwen2_1.5b-fast-ligerswiglu-purebf16 ;;
+                    --micro-batch "$mbs15" "${liger_swiglu[@]}" --label qwen2_1.5b-fast-ligerswiglu-purebf16 ;;
             0.5b-swiglu) run_case qwen2_0.5b-swiglu 100 "$t0" "$py" "${bench[@]}" --preset "$p05" \
-                    --micro-batch "$mbs05" --only ours "${fast[@]}" --override "train.liger_kernels=[swiglu]" "${pure[@]}" \
-                    --label qwen2_0.5b-fast-ligerswiglu-purebf16 ;;
+                    --micro-batch "$mbs05" "${liger_swiglu[@]}" --label qwen2_0.5b-fast-ligerswiglu-purebf16 ;;
             7b-swiglu) run_case qwen2_7b-8L-swiglu 100 "$t0" "$py" "${bench[@]}" --preset "$p7" --layers 8 \
-                    --micro-batch "$mbs7" --only ours "${fast[@]}" --override "train.liger_kernels=[swiglu]" "${pure[@]}" \
-                    --label qwen2_7b-8L-fast-ligerswiglu-purebf16 ;;
+                    --micro-batch "$mbs7" "${liger_swiglu[@]}" --label qwen2_7b-8L-fast-ligerswiglu-purebf16 ;;
             1.5b-pure-mbs) run_case qwen2_1.5b-pure-mbs 100 "$t0" "$py" "${bench[@]}" --preset "$p15" \
                     --micro-batch $(( mbs15 * 2 )) --only ours "${fast[@]}" "${pure[@]}" \
                     --label qwen2_1.5b-fast-purebf16-mbs$(( mbs15 * 2 )) ;;

@@ -37,14 +37,15 @@ def foreach_l2_norm(
 
 
 def foreach_scale(
-    chunk_size: int, noop_flag: torch.Tensor, tensor_lists: list[list[torch.Tensor]], scale: float
+    chunk_size: int, noop_flag: torch.Tensor, tensor_lists: list[list[torch.Tensor]], scale: float | torch.Tensor
 ) -> None:
-    """tensor_lists[1][i] = tensor_lists[0][i] * scale (amp_C.multi_tensor_scale's contract)."""
+    """tensor_lists[1][i] = tensor_lists[0][i] * scale (amp_C.multi_tensor_scale's contract); scale a
+    float, or a 0-dim device tensor that is never read on the host."""
     del chunk_size, noop_flag
     sources, targets = tensor_lists
     if all(source is target for source, target in zip(sources, targets, strict=True)):
         torch._foreach_mul_(targets, scale)
-    elif scale == 1.0:
+    elif isinstance(scale, float) and scale == 1.0:
         torch._foreach_copy_(targets, sources)
     else:
         torch._foreach_copy_(targets, torch._foreach_mul(sources, scale))
@@ -53,15 +54,9 @@ def foreach_scale(
 def foreach_scale_tensor(
     chunk_size: int, noop_flag: torch.Tensor, tensor_lists: list[list[torch.Tensor]], scale: torch.Tensor
 ) -> None:
-    """tensor_lists[1][i] = tensor_lists[0][i] * scale, scale a 1-element device tensor (Transformer
-    Engine's multi_tensor_scale_tensor contract): read on the device, never on the host."""
-    del chunk_size, noop_flag
-    sources, targets = tensor_lists
-    factor = scale.reshape(())
-    if all(source is target for source, target in zip(sources, targets, strict=True)):
-        torch._foreach_mul_(targets, factor)
-    else:
-        torch._foreach_copy_(targets, torch._foreach_mul(sources, factor))
+    """foreach_scale by a 1-element device tensor (Transformer Engine's multi_tensor_scale_tensor
+    contract): read on the device, never on the host."""
+    foreach_scale(chunk_size, noop_flag, tensor_lists, scale.reshape(()))
 
 
 def use_foreach_kernels(enabled: bool) -> bool:
