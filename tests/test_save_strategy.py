@@ -1,15 +1,17 @@
 """A training save writes the trainer's own memory: no host copy of the state before writing
-(qwen2_megatron/checkpoint/save_strategy.py), and what is written is that state."""
+(qwen2_megatron/checkpoint/save_strategy.py), and what is written is that state. A run's later
+saves reuse megatron's plans without collective planning, and still write their own state."""
 
 from __future__ import annotations
 
 import io
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
-from qwen2_megatron.checkpoint.save_strategy import exact_storage
+from qwen2_megatron.checkpoint.save_strategy import RunSaveStrategy, exact_storage
 from qwen2_megatron.parallel.local_launch import spawn
 
 
@@ -41,6 +43,41 @@ def _copies(buckets: list, owners: list[torch.Tensor]) -> tuple[int, int]:
     return len(written), sum(not any(lo <= t.data_ptr() < hi for lo, hi in spans) for t in written)
 
 
+class _TinyTrainer:
+    """The tiny model with megatron DDP and the distributed optimizer (inside a started runtime),
+    a training step on fixed tokens, and the tensors of its state."""
+
+    def __init__(self, precision: str, seed: int, layout: Any) -> None:
+        from qwen2_megatron.model.builder import build_model
+        from qwen2_megatron.model.presets import get_preset
+        from qwen2_megatron.parallel.ddp import wrap_ddp
+        from qwen2_megatron.train.config import OptimConfig
+        from qwen2_megatron.train.optimizer import build_optimizer
+
+        self.shape = get_preset("tiny")
+        self.chunks = wrap_ddp(build_model(self.shape, layout, precision), use_distributed_optimizer=True)
+        self.optimizer = build_optimizer(OptimConfig(lr=1e-2), precision, self.chunks)
+        self.models = [c.module for c in self.chunks]
+        tokens = torch.randint(0, self.shape.vocab_size, (2, 33), generator=torch.Generator().manual_seed(seed))
+        self.batch = {"tokens": tokens[:, :-1], "labels": tokens[:, 1:], "loss_mask": torch.ones(2, 32)}
+
+    def step(self) -> None:
+        from qwen2_megatron.model.forward import forward_backward
+
+        for chunk in self.chunks:
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        forward_backward(self.chunks, [self.batch])
+        self.optimizer.step()
+
+    def tensors(self) -> list[torch.Tensor]:
+        """The weights, the optimizer's parameters and Adam's states (the live tensors)."""
+        from qwen2_megatron.train.optimizer import adam_tensors
+
+        stepped, states = adam_tensors(self.optimizer)
+        return [*(p.detach() for m in self.models for p in m.parameters()), *stepped, *states]
+
+
 def save_from_trainer_memory(directory: str, precision: str) -> tuple[int, int, int]:
     """One rank: train a step, start an asynchronous training save, and count the tensors its
     writer was given and those of them outside the memory of the model and the optimizer (the
@@ -51,47 +88,24 @@ def save_from_trainer_memory(directory: str, precision: str) -> tuple[int, int, 
     from qwen2_megatron.checkpoint.location import location
     from qwen2_megatron.checkpoint.model_checkpoint import start_write_results_server
     from qwen2_megatron.checkpoint.train_checkpoint import load_training, save_training
-    from qwen2_megatron.model.builder import build_model
-    from qwen2_megatron.model.forward import forward_backward
-    from qwen2_megatron.model.presets import get_preset
-    from qwen2_megatron.parallel.ddp import wrap_ddp
     from qwen2_megatron.parallel.layout import ParallelLayout
     from qwen2_megatron.parallel.runtime import init_runtime, shutdown_runtime
-    from qwen2_megatron.train.config import OptimConfig
-    from qwen2_megatron.train.optimizer import adam_tensors, build_optimizer
 
     start_write_results_server()
-    shape = get_preset("tiny")
     runtime = init_runtime(ParallelLayout())
     try:
-        chunks = wrap_ddp(build_model(shape, runtime.layout, precision), use_distributed_optimizer=True)
-        optimizer = build_optimizer(OptimConfig(lr=1e-2), precision, chunks)
-        tokens = torch.randint(0, shape.vocab_size, (2, 33), generator=torch.Generator().manual_seed(0))
-        batch = {"tokens": tokens[:, :-1], "labels": tokens[:, 1:], "loss_mask": torch.ones(2, 32)}
-
-        def step() -> None:
-            for chunk in chunks:
-                chunk.zero_grad_buffer()
-            optimizer.zero_grad()
-            forward_backward(chunks, [batch])
-            optimizer.step()
-
-        def trainer_tensors() -> list[torch.Tensor]:
-            stepped, states = adam_tensors(optimizer)
-            return [*(p.detach() for c in chunks for p in c.module.parameters()), *stepped, *states]
-
-        step()
-        models = [c.module for c in chunks]
+        trainer = _TinyTrainer(precision, 0, runtime.layout)
+        trainer.step()
         path = location(directory)
         path.mkdir(parents=True)
-        request = save_training(path, models, optimizer, shape, runtime.layout, precision, {"step": 1},
-                                asynchronous=True, threads=2)
-        written, outside = _copies(request.async_fn_args[1], trainer_tensors())
-        saved = [t.clone() for t in trainer_tensors()]
+        request = save_training(path, trainer.models, trainer.optimizer, trainer.shape, runtime.layout, precision,
+                                {"step": 1}, asynchronous=True, strategy=RunSaveStrategy(2))
+        written, outside = _copies(request.async_fn_args[1], trainer.tensors())
+        saved = [t.clone() for t in trainer.tensors()]
         request.execute_sync()
-        step()
-        load_training(path, models, optimizer, shape, runtime.layout)
-        differ = sum(not torch.equal(a, b) for a, b in zip(saved, trainer_tensors(), strict=True))
+        trainer.step()
+        load_training(path, trainer.models, trainer.optimizer, trainer.shape, runtime.layout)
+        differ = sum(not torch.equal(a, b) for a, b in zip(saved, trainer.tensors(), strict=True))
         dist.barrier()
         return written, outside, differ
     finally:
@@ -139,3 +153,89 @@ def test_model_save_writes_the_models_memory_uncopied(tmp_path: Path) -> None:
     written, outside = spawn(model_save_copies, 1, str(tmp_path / "model"))[0]
     assert written > 10
     assert outside == 0, f"{outside} of {written} shards are copies (the fused fc1 halves are views)"
+
+
+class _RecordingStrategy(RunSaveStrategy):
+    """Records what each save was given: (the strategy's identity, validate)."""
+
+    def __init__(self, threads: int) -> None:
+        super().__init__(threads)
+        self.given: list[tuple[int, bool]] = []
+
+    def get(self, sharded_state_dict: dict) -> tuple:
+        strategy, validate = super().get(sharded_state_dict)
+        self.given.append((id(strategy), validate))
+        return strategy, validate
+
+
+def reused_plans(directory: str) -> dict:
+    """Two ranks, distributed optimizer: three saves of one run (synchronous, synchronous,
+    asynchronous), a step between each; what each was given, the object collectives (megatron's
+    validation, distribution and planning all-gather Python objects) of each save, whether each
+    checkpoint loads back to the state it was saved at; then a structure that changed on rank 1
+    only."""
+    import torch.distributed as dist
+
+    from qwen2_megatron.checkpoint import train_checkpoint
+    from qwen2_megatron.checkpoint.location import location
+    from qwen2_megatron.checkpoint.model_checkpoint import sharded_model_state, start_write_results_server
+    from qwen2_megatron.checkpoint.train_checkpoint import load_training, save_training
+    from qwen2_megatron.parallel.layout import ParallelLayout
+    from qwen2_megatron.parallel.runtime import init_runtime, shutdown_runtime
+
+    start_write_results_server()
+    runtime = init_runtime(ParallelLayout())
+    collectives = [0]
+    for name in ("all_gather_object", "gather_object", "broadcast_object_list", "scatter_object_list"):
+        original = getattr(dist, name)
+
+        def counted(*args: object, _original: object = original, **kwargs: object) -> object:
+            collectives[0] += 1
+            return _original(*args, **kwargs)
+
+        setattr(dist, name, counted)
+    try:
+        trainer = _TinyTrainer("bf16", dist.get_rank(), runtime.layout)
+        models, optimizer = trainer.models, trainer.optimizer
+        strategy = _RecordingStrategy(2)
+        saved, paths, per_save = [], [], []
+        for index in range(3):
+            trainer.step()
+            path = location(directory) / f"save_{index}"
+            if dist.get_rank() == 0:
+                path.mkdir(parents=True)
+            dist.barrier()
+            saved.append([t.clone() for t in trainer.tensors()])
+            before = collectives[0]
+            request = save_training(path, models, optimizer, trainer.shape, runtime.layout, "bf16", {"step": index},
+                                    asynchronous=index == 2, strategy=strategy)
+            per_save.append(collectives[0] - before)
+            if request is not None:
+                request.execute_sync()  # writes, then finalises (the description files)
+            paths.append(path)
+        trainer.step()
+        differ = []
+        for path, expected in zip(paths, saved, strict=True):
+            load_training(path, models, optimizer, trainer.shape, runtime.layout)
+            differ.append(sum(not torch.equal(a, b) for a, b in zip(expected, trainer.tensors(), strict=True)))
+        # Rank 1's state changes structure (its model alone), rank 0's does not: both start afresh.
+        full = train_checkpoint._sharded_state(models, optimizer, is_loading=False)
+        changed = sharded_model_state(models) if dist.get_rank() == 1 else full
+        strategy.get(changed)
+        return {"given": strategy.given, "object_collectives": per_save, "differ": differ}
+    finally:
+        shutdown_runtime()
+
+
+def test_later_saves_reuse_the_plans_and_write_their_own_state(tmp_path: Path) -> None:
+    results = spawn(reused_plans, 2, str(tmp_path / "ckpt"))
+    for rank, result in enumerate(results):
+        given = result["given"]
+        ids, validated = [g[0] for g in given], [g[1] for g in given]
+        assert validated == [True, False, False, True], f"rank {rank}: validated {validated}"
+        assert ids[0] == ids[1] == ids[2] != ids[3], f"rank {rank}: strategies {ids}"
+        # the second save gathers the plans once more (megatron checks the merged plan against its
+        # cache before trusting it); from the third on, none
+        first, second, third = result["object_collectives"]
+        assert first > second and third == 0, f"rank {rank}: object collectives per save {result['object_collectives']}"
+        assert result["differ"] == [0, 0, 0], f"rank {rank}: tensors differing from the saved state {result['differ']}"

@@ -30,6 +30,7 @@ from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQu
 from qwen2_megatron.checkpoint.config import CheckpointConfig
 from qwen2_megatron.checkpoint.location import Location, location, remove_tree
 from qwen2_megatron.checkpoint.model_checkpoint import start_write_results_server
+from qwen2_megatron.checkpoint.save_strategy import RunSaveStrategy
 from qwen2_megatron.checkpoint.staging import StagedSave, has_device_tensors
 from qwen2_megatron.checkpoint.store import CheckpointStore, checkpoint_step
 from qwen2_megatron.checkpoint.train_checkpoint import load_training, save_training
@@ -56,6 +57,7 @@ class CheckpointManager:
         self.main = dist.get_rank() == 0
         self._queue = AsyncCallsQueue() if cfg.async_save else None
         self._staged: StagedSave | None = None  # a save whose host copy overlaps the next step
+        self._strategy = RunSaveStrategy(cfg.write_threads)
         self._deleting: threading.Thread | None = None
         start_write_results_server()  # before the trainer builds the model: it forks
 
@@ -74,7 +76,7 @@ class CheckpointManager:
         asynchronous = self._queue is not None
         request = save_training(
             partial_dir, chunks, optimizer, self.shape, self.layout, self.precision, train_state, asynchronous,
-            self.cfg.write_threads,
+            self._strategy,
         )
         publish = partial(self._publish, step, start)
         if request is None:

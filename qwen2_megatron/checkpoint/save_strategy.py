@@ -11,6 +11,9 @@ fused fc1 weight, about half the bytes of a large Qwen2 (53% of 72B's). Here eac
 handed over instead as a tensor over a slice of its storage: the same memory, holding exactly its
 bytes, which torch.save writes as they are. GPU tensors are not touched: megatron-core's copy to
 host memory (or checkpoint.async_copy's) makes new ones.
+
+A run's saves share one strategy (`RunSaveStrategy`), so that megatron-core does its collective
+planning once rather than at every save (the part of an asynchronous save that blocks training).
 """
 
 from __future__ import annotations
@@ -19,9 +22,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from megatron.core import parallel_state
-from megatron.core.dist_checkpointing.dict_utils import dict_list_map_inplace
-from megatron.core.dist_checkpointing.mapping import ShardedStateDict, ShardedTensor
+from megatron.core.dist_checkpointing.dict_utils import dict_list_map_inplace, nested_values
+from megatron.core.dist_checkpointing.mapping import (
+    ShardedBase,
+    ShardedObject,
+    ShardedStateDict,
+    ShardedTensor,
+    ShardedTensorFactory,
+)
 from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
 from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
 
@@ -60,8 +70,57 @@ def _with_exact_storage(sharded_state_dict: ShardedStateDict) -> ShardedStateDic
     return sharded_state_dict
 
 
-def save_strategy(threads: int) -> FullyParallelSaveStrategyWrapper:
+def save_strategy(threads: int, reuse_plans: bool = False) -> FullyParallelSaveStrategyWrapper:
     """torch_dist, each rank writing `threads` files in parallel, with the writing of what
-    data-parallel ranks hold alike spread over them."""
+    data-parallel ranks hold alike spread over them. reuse_plans: keep, for the next saves of a
+    state of the same structure, which rank writes which replicated shard and the save plans."""
     group = parallel_state.get_data_parallel_group(with_context_parallel=True)
-    return _ExactStorageSaveStrategy(TorchDistSaveShardedStrategy(thread_count=threads), group)
+    base = TorchDistSaveShardedStrategy(thread_count=threads, cached_metadata=reuse_plans)
+    return _ExactStorageSaveStrategy(base, group, do_cache_distribution=reuse_plans)
+
+
+class RunSaveStrategy:
+    """The save strategy of one run's checkpoints, kept from one save to the next.
+
+    A fresh strategy makes every save collective three times over: megatron-core validates the
+    sharding (all ranks' metadata of every shard gathered), the fully parallel wrapper decides who
+    writes each replicated shard (gathered again), and torch_dist plans the files (the plans
+    gathered and merged). A run's state keeps its structure, so megatron can keep all three
+    (Megatron-LM's --ckpt-assume-constant-structure). But megatron then writes with the first
+    save's plan without checking it, so here every save compares the structure of its state with
+    the cached one's, and all ranks agree (one small all-reduce) before the plans are reused; a
+    new structure gets a new strategy and is validated.
+    """
+
+    def __init__(self, threads: int) -> None:
+        self.threads = threads
+        self._strategy: FullyParallelSaveStrategyWrapper | None = None
+        self._structure: tuple[Any, ...] | None = None
+
+    def get(self, sharded_state_dict: ShardedStateDict) -> tuple[FullyParallelSaveStrategyWrapper, bool]:
+        """Collective: (the strategy for this state, whether megatron must validate its sharding)."""
+        structure = state_structure(sharded_state_dict)
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+        same = torch.tensor([int(self._strategy is not None and structure == self._structure)], device=device)
+        dist.all_reduce(same, op=dist.ReduceOp.MIN)
+        if same.item() and self._strategy is not None:
+            return self._strategy, False
+        self._strategy, self._structure = save_strategy(self.threads, reuse_plans=True), structure
+        return self._strategy, True
+
+
+def state_structure(sharded_state_dict: ShardedStateDict) -> tuple[Any, ...]:
+    """What megatron's save plans depend on: every shard's key, type, dtype, shapes, place in its
+    global tensor and replica id, in order (not the values; not the common state, which rank 0
+    writes whole)."""
+    def describe(value: Any) -> tuple[Any, ...]:
+        if isinstance(value, ShardedTensor):
+            return (value.key, value.dtype, value.local_shape, value.global_shape, value.global_offset,
+                    value.replica_id, value.prepend_axis_num, value.flattened_range)
+        if isinstance(value, ShardedTensorFactory):
+            return (value.key, value.data.dtype, tuple(value.data.shape), value.replica_id, value.flattened_range)
+        if isinstance(value, ShardedObject):
+            return (value.key, value.global_shape, value.global_offset, value.replica_id)
+        return (type(value).__name__, value.key, value.replica_id)
+
+    return tuple(describe(v) for v in nested_values(sharded_state_dict) if isinstance(v, ShardedBase))

@@ -39,7 +39,7 @@ from qwen2_megatron.checkpoint.model_checkpoint import (
     write_info,
 )
 from qwen2_megatron.checkpoint.optimizer_shards import restore_optimizer_state, sharded_optimizer_state
-from qwen2_megatron.checkpoint.save_strategy import save_strategy
+from qwen2_megatron.checkpoint.save_strategy import RunSaveStrategy
 from qwen2_megatron.checkpoint.store import TRAIN_STATE
 from qwen2_megatron.model.shape import Qwen2Shape
 from qwen2_megatron.parallel.layout import ParallelLayout
@@ -78,23 +78,26 @@ def save_training(
     precision: str,
     train_state: dict[str, Any],
     asynchronous: bool,
-    threads: int,
+    strategy: RunSaveStrategy,
 ) -> AsyncRequest | None:
     """Collective. Writes into `path` (a partial directory); train_state.json is written last.
 
     With `asynchronous`, the shards are written by megatron-core's background writer and the
     returned request must be scheduled on an AsyncCallsQueue; its finalisation writes the
     description files. Everything describing the step (train state, Adam's step, RNG) is
-    captured now, so training may go on while the shards are written. `threads`: files each rank
-    writes in parallel (checkpoint.write_threads).
+    captured now, so training may go on while the shards are written. `strategy`: the run's (its
+    saves reuse megatron's plans).
     """
     state = {**train_state, "adam_step": _adam_step(optimizer), "optimizer": optimizer_kinds(optimizer),
              "world_size": dist.get_world_size()}
     describe = partial(_write_description, path, shape, layout, precision, state)
+    sharded = _sharded_state(chunks, optimizer, is_loading=False)
+    sharded_strategy, validate = strategy.get(sharded)
     request = dist_checkpointing.save(
-        _sharded_state(chunks, optimizer, is_loading=False),
+        sharded,
         str(path),
-        sharded_strategy=save_strategy(threads),
+        sharded_strategy=sharded_strategy,
+        validate_access_integrity=validate,
         async_sharded_save=asynchronous,
         async_strategy=ASYNC_STRATEGY,
     )

@@ -33,7 +33,10 @@ _ALLOWED = {
     ("builtins", "frozenset"),
 }
 _ALLOWED_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.planner")
-_ALLOWED_NAMES = {("torch.distributed.checkpoint.filesystem", "_StorageInfo")}
+# _StoragePrefix (a file-name prefix): megatron-core records every rank's save plan in the index
+# (`all_local_plans`), and a plan reused from an earlier save (save_strategy.RunSaveStrategy)
+# carries the prefix of its files.
+_ALLOWED_NAMES = {("torch.distributed.checkpoint.filesystem", n) for n in ("_StorageInfo", "_StoragePrefix")}
 
 
 class UnsafeCheckpointError(RuntimeError):
