@@ -12,6 +12,8 @@ hidden states and the (vocab-parallel) output weight, a chunk at a time:
   dtype, then in fp32 the row max (all-reduced MAX over TP), exp-sum and target logit (one SUM
   all-reduce over TP; the target logit comes from the rank owning it), exactly megatron's
   vocab_parallel_cross_entropy. Only the loss and the log-sum-exp per token (fp32) are kept.
+  Without TP the row's statistics need no collective between the max and the exp-sum, so both
+  are one function (`loss_and_lse`), which inductor compiles into one pass over the chunk.
 - backward, over vocabulary chunks of the local shard (as many columns as keep the chunk's
   logits no larger than a forward chunk's): recompute the chunk's logits for all tokens,
   softmax = exp(logits - lse), subtract the one-hot of the targets, scale by the incoming
@@ -38,7 +40,7 @@ c = chunk_tokens, H hidden, e = bytes of the compute dtype, 2 for bf16):
   5.0 GB kept between forward and backward.
 - fused path: between forward and backward only 2 x T fp32 (loss, lse) plus the saved hidden
   states (already saved by the plain path's output layer). Transient, inside forward:
-  c x V/TP x (e + 4) bytes (chunk logits and their fp32 copy; with fp32 compute, one copy);
+  c x V/TP x (e + 4) bytes (chunk logits and their fp32 copy);
   inside backward: T x c_v x (4 + e) bytes with c_v = ceil(c x (V/TP) / T) vocabulary
   columns, i.e. about the same as a forward chunk, plus T x H x 4 bytes for the fp32
   hidden-state gradient. Same example with c = 2048 (the default): 2048 x 152064 x 6 B = 1.9 GB
@@ -106,6 +108,22 @@ def _target_and_sum_exp(logits: Tensor, row_max: Tensor, local: Tensor, acc: tor
     return torch.where(mine, target, 0.0), shifted.exp_().sum(dim=-1)
 
 
+def _loss_and_lse(logits: Tensor, local: Tensor, acc: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Without TP (the chunk holds the whole vocabulary): (loss, log-sum-exp) of each row of a
+    chunk [c, V] in the loss dtype; a target outside 0..V-1 counts as megatron's does (loss
+    log(sum(exp(logits - max)))). Max and exp-sum in one function: compiled, inductor matches its
+    online-softmax pattern (amax, subtract, exp, sum) on a GPU and reads the logits once for
+    both, where `row_max` and `target_and_sum_exp` are two kernels and small ones between."""
+    x = logits.to(acc, copy=True)  # in place from here (the logits themselves may be needed later)
+    v = x.shape[-1]
+    row_max = x.amax(dim=-1, keepdim=True)
+    target = x.gather(-1, local.clamp(0, v - 1).unsqueeze(-1)).squeeze(-1)
+    x -= row_max
+    lse = (x.exp_().sum(dim=-1, keepdim=True).log() + row_max).squeeze(-1)
+    mine = (local >= 0) & (local < v)
+    return lse - torch.where(mine, target, row_max.squeeze(-1)), lse
+
+
 def _grad_logits(logits: Tensor, lse: Tensor, grad_loss: Tensor, column: Tensor) -> Tensor:
     """d loss / d logits of a vocabulary chunk [T, cv], in the logits' dtype: (softmax minus the
     one-hot of the targets that fall in this chunk, `column` in 0..cv-1) times the loss gradient."""
@@ -134,12 +152,14 @@ class ChunkMath:
 
     row_max: Any
     target_and_sum_exp: Any
+    loss_and_lse: Any  # without TP, in place of the two above
     grad_logits: Any
 
 
-_EAGER = ChunkMath(_row_max, _target_and_sum_exp, _grad_logits)
+_FUNCTIONS = (_row_max, _target_and_sum_exp, _loss_and_lse, _grad_logits)
+_EAGER = ChunkMath(*_FUNCTIONS)
 # dynamic=None: the first shapes compile static; the last, shorter chunk recompiles once, dynamic.
-_COMPILED = ChunkMath(*(torch.compile(f) for f in (_row_max, _target_and_sum_exp, _grad_logits)))
+_COMPILED = ChunkMath(*(torch.compile(f) for f in _FUNCTIONS))
 
 
 class FusedLinearCrossEntropy(torch.autograd.Function):
@@ -188,20 +208,12 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
         for start in range(0, n, chunk_tokens):
             end = min(start + chunk_tokens, n)
             logits = torch.matmul(x[start:end], weight.t())  # [c, V/TP] compute dtype
-            row_max = chunk.row_max(logits, acc)
-            if tp > 1:
-                dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=tp_group)
-            # (in place on fp32 logits, which the early gradient still needs)
-            exp_input = logits.clone() if early and logits.dtype == acc else logits
-            picked, sum_exp = chunk.target_and_sum_exp(exp_input, row_max, local[start:end], acc)
-            del exp_input
-            if tp > 1:
-                both = torch.stack([picked, sum_exp])
-                dist.all_reduce(both, group=tp_group)
-                picked, sum_exp = both[0], both[1]
-            log_sum = sum_exp.log()
-            loss[start:end] = log_sum - picked
-            lse[start:end] = log_sum + row_max
+            if tp == 1:
+                loss[start:end], lse[start:end] = chunk.loss_and_lse(logits, local[start:end], acc)
+            else:
+                loss[start:end], lse[start:end] = _vocab_parallel_loss(
+                    chunk, logits, local[start:end], acc, tp_group, copy=early and logits.dtype == acc
+                )
             if early:
                 grad_logits = chunk.grad_logits(logits, lse[start:end], mask[start:end], local[start:end])
                 torch.matmul(grad_logits, weight, out=early_x[start:end])
@@ -235,6 +247,20 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
             grad_x, grad_w = _recompute_grads(ctx, hidden, weight, local, lse, g)
         grad_hidden = _reduce_hidden_grad(ctx, grad_x.view(-1, *hidden.shape[1:]))  # [s, b, H], s gathered
         return (grad_hidden, _dummy_if_fused(ctx, weight, hidden.dtype, grad_w), *([None] * 7))
+
+
+def _vocab_parallel_loss(
+    chunk: ChunkMath, logits: Tensor, local: Tensor, acc: torch.dtype, tp_group: dist.ProcessGroup, copy: bool
+) -> tuple[Tensor, Tensor]:
+    """(loss, log-sum-exp) of each row of a chunk [c, V/TP] of logits sharded over TP, as megatron's
+    vocab_parallel_cross_entropy: the row max all-reduced (MAX), then the target logit and the
+    exp-sum (SUM). copy: work on a copy (fp32 logits that the early gradient still needs)."""
+    row_max = chunk.row_max(logits, acc)
+    dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=tp_group)
+    both = torch.stack(chunk.target_and_sum_exp(logits.clone() if copy else logits, row_max, local, acc))
+    dist.all_reduce(both, group=tp_group)
+    log_sum = both[1].log()
+    return log_sum - both[0], log_sum + row_max
 
 
 def _scale_of(g: Tensor, mask: Tensor) -> Tensor | None:
