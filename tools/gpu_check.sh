@@ -20,9 +20,11 @@
 # MBS_05B / MBS_15B / MBS_7B / MOE_LAYERS (default by GPU memory, see below), FAST (the overrides
 # of "ours" beside hf in the 1.5b, 7b, 0.5b and moe cases; default compiled layers + compiled fused LM
 # loss with its gradients in forward), CASES (run in order while the budget lasts; default
-# "1.5b-pure 1.5b-swiglu 0.5b-pure 0.5b-swiglu 7b-pure 7b-swiglu parity moe-pure moe-eager ckpt-bigstep moe":
+# "1.5b-pure 1.5b-swiglu 0.5b-pure 0.5b-swiglu parity 1.5b-chunk 0.5b-chunk 7b-pure 7b-swiglu ckpt-bigstep moe-pure moe-eager moe":
 # the issue-7 targets furthest from met and what no GPU has measured yet, see tools/GPU_RESULTS.md;
-# *-swiglu is ours alone as the *-pure case with Liger's SwiGLU inside the compiled layers;
+# *-swiglu is ours alone as the *-pure case with Liger's SwiGLU inside the compiled layers, *-chunk
+# the same with the fused LM loss over 8192-token chunks instead of 2048 (fewer passes over its fp32
+# weight-gradient accumulator, larger GEMMs; +3.5 GiB of transient logits and their gradient at 1.5B);
 # also 7b, 1.5b, 0.5b, 1.5b-pure-mbs, 0.5b-pure-mbs, 7b-pure-mbs, 7b-sameinit, 7b-autocast, 7b-fusion,
 # 7b-liger, 7b-liger-fusion, 1.5b-fusion, 1.5b-plain, 1.5b-liger, ckpt, ckpt-1thread, ckpt-atsave, swiglu):
 # swiglu is tools/bench_swiglu.py (SwiGLU forward + backward on the 1.5B and 7B ffn sizes, each
@@ -70,7 +72,7 @@ mkdir -p "$OUT"
 BUDGET_S=${GPU_CHECK_BUDGET_S:-450}
 WARMUP=${WARMUP:-3}
 STEPS=${STEPS:-8}
-CASES=${CASES:-1.5b-pure 1.5b-swiglu 0.5b-pure 0.5b-swiglu 7b-pure 7b-swiglu parity moe-pure moe-eager ckpt-bigstep moe}
+CASES=${CASES:-1.5b-pure 1.5b-swiglu 0.5b-pure 0.5b-swiglu parity 1.5b-chunk 0.5b-chunk 7b-pure 7b-swiglu ckpt-bigstep moe-pure moe-eager moe}
 read -r -a FAST <<< "${FAST:-train.compile=layers train.fused_lm_loss=true train.fused_lm_loss_compile=true train.fused_lm_loss_grad_in_forward=true}"
 SMOKE=${GPU_CHECK_CPU_SMOKE:-0}
 
@@ -137,6 +139,7 @@ EOF
     local pure=(--dtype bf16 --override optim.distributed_optimizer=false --override optim.fp32_master_weights=false)
     # the *-swiglu cases: ours alone as *-pure, with Liger's SwiGLU inside the compiled layers
     local liger_swiglu=(--only ours "${fast[@]}" --override "train.liger_kernels=[swiglu]" "${pure[@]}")
+    local chunk8k=("${liger_swiglu[@]}" --override train.fused_lm_loss_chunk=8192)
     t0=$(date +%s)
     local bench=(tools/bench_throughput.py --seq 4096 --warmup "$WARMUP" --steps "$STEPS" --json-out "$OUT/bench.jsonl")
     local parity=(tools/gpu_parity.py --json-out "$OUT/parity.json")
@@ -187,6 +190,10 @@ EOF
                     --micro-batch "$mbs05" "${liger_swiglu[@]}" --label qwen2_0.5b-fast-ligerswiglu-purebf16 ;;
             7b-swiglu) run_case qwen2_7b-8L-swiglu 100 "$t0" "$py" "${bench[@]}" --preset "$p7" --layers 8 \
                     --micro-batch "$mbs7" "${liger_swiglu[@]}" --label qwen2_7b-8L-fast-ligerswiglu-purebf16 ;;
+            1.5b-chunk) run_case qwen2_1.5b-chunk 100 "$t0" "$py" "${bench[@]}" --preset "$p15" \
+                    --micro-batch "$mbs15" "${chunk8k[@]}" --label qwen2_1.5b-fast-ligerswiglu-chunk8192-purebf16 ;;
+            0.5b-chunk) run_case qwen2_0.5b-chunk 100 "$t0" "$py" "${bench[@]}" --preset "$p05" \
+                    --micro-batch "$mbs05" "${chunk8k[@]}" --label qwen2_0.5b-fast-ligerswiglu-chunk8192-purebf16 ;;
             1.5b-pure-mbs) run_case qwen2_1.5b-pure-mbs 100 "$t0" "$py" "${bench[@]}" --preset "$p15" \
                     --micro-batch $(( mbs15 * 2 )) --only ours "${fast[@]}" "${pure[@]}" \
                     --label qwen2_1.5b-fast-purebf16-mbs$(( mbs15 * 2 )) ;;
