@@ -20,11 +20,12 @@
 # MBS_05B / MBS_15B / MBS_7B / MOE_LAYERS (default by GPU memory, see below), FAST (the overrides
 # of "ours" beside hf in the 1.5b, 7b, 0.5b and moe cases; default compiled layers + compiled fused LM
 # loss with its gradients in forward), CASES (run in order while the budget lasts; default
-# "1.5b-pure 1.5b-swiglu 0.5b-pure 0.5b-swiglu parity 1.5b-chunk 0.5b-chunk 7b-pure 7b-swiglu ckpt-bigstep moe-pure moe-eager moe":
-# the issue-7 targets furthest from met and what no GPU has measured yet, see tools/GPU_RESULTS.md;
+# "1.5b-pure 1.5b-swiglu 0.5b-pure 0.5b-swiglu parity 1.5b-chunk 0.5b-chunk 7b-pure 7b-swiglu 7b-chunk ckpt-bigstep moe-pure moe-eager moe":
+# the issue-7 targets within reach first, the GPU parity of their new kernels before further levers;
 # *-swiglu is ours alone as the *-pure case with Liger's SwiGLU inside the compiled layers, *-chunk
 # the same with the fused LM loss over 8192-token chunks instead of 2048 (fewer passes over its fp32
-# weight-gradient accumulator, larger GEMMs; +3.5 GiB of transient logits and their gradient at 1.5B);
+# weight-gradient accumulator, larger GEMMs; +3.5 GiB of transient logits and their gradient at 1.5B,
+# the whole micro-batch in one chunk at 7B-8L);
 # also 7b, 1.5b, 0.5b, 1.5b-pure-mbs, 0.5b-pure-mbs, 7b-pure-mbs, 7b-sameinit, 7b-autocast, 7b-fusion,
 # 7b-liger, 7b-liger-fusion, 1.5b-fusion, 1.5b-plain, 1.5b-liger, ckpt, ckpt-1thread, ckpt-atsave, swiglu):
 # swiglu is tools/bench_swiglu.py (SwiGLU forward + backward on the 1.5B and 7B ffn sizes, each
@@ -72,7 +73,7 @@ mkdir -p "$OUT"
 BUDGET_S=${GPU_CHECK_BUDGET_S:-450}
 WARMUP=${WARMUP:-3}
 STEPS=${STEPS:-8}
-CASES=${CASES:-1.5b-pure 1.5b-swiglu 0.5b-pure 0.5b-swiglu parity 1.5b-chunk 0.5b-chunk 7b-pure 7b-swiglu ckpt-bigstep moe-pure moe-eager moe}
+CASES=${CASES:-1.5b-pure 1.5b-swiglu 0.5b-pure 0.5b-swiglu parity 1.5b-chunk 0.5b-chunk 7b-pure 7b-swiglu 7b-chunk ckpt-bigstep moe-pure moe-eager moe}
 read -r -a FAST <<< "${FAST:-train.compile=layers train.fused_lm_loss=true train.fused_lm_loss_compile=true train.fused_lm_loss_grad_in_forward=true}"
 SMOKE=${GPU_CHECK_CPU_SMOKE:-0}
 
@@ -192,6 +193,8 @@ EOF
                     --micro-batch "$mbs7" "${liger_swiglu[@]}" --label qwen2_7b-8L-fast-ligerswiglu-purebf16 ;;
             1.5b-chunk) run_case qwen2_1.5b-chunk 100 "$t0" "$py" "${bench[@]}" --preset "$p15" \
                     --micro-batch "$mbs15" "${chunk8k[@]}" --label qwen2_1.5b-fast-ligerswiglu-chunk8192-purebf16 ;;
+            7b-chunk) run_case qwen2_7b-8L-chunk 100 "$t0" "$py" "${bench[@]}" --preset "$p7" --layers 8 \
+                    --micro-batch "$mbs7" "${chunk8k[@]}" --label qwen2_7b-8L-fast-ligerswiglu-chunk8192-purebf16 ;;
             0.5b-chunk) run_case qwen2_0.5b-chunk 100 "$t0" "$py" "${bench[@]}" --preset "$p05" \
                     --micro-batch "$mbs05" "${chunk8k[@]}" --label qwen2_0.5b-fast-ligerswiglu-chunk8192-purebf16 ;;
             1.5b-pure-mbs) run_case qwen2_1.5b-pure-mbs 100 "$t0" "$py" "${bench[@]}" --preset "$p15" \
