@@ -51,6 +51,14 @@ class _ExactStorageSaveStrategy(FullyParallelSaveStrategyWrapper):
     """megatron-core's fully parallel torch_dist save, given each shard as `exact_storage` of it
     (after megatron has built the factories' pieces, which are views too)."""
 
+    def apply_saving_parallelization(self, sharded_state_dict: ShardedStateDict) -> None:
+        """megatron's, unless the group has one rank: then there is nothing to distribute, and
+        megatron's wrapper, whose cache of the distribution stays empty, would gather every rank's
+        shard metadata and validate the sharding at every save (dist_checkpointing.save validates
+        it already when asked: validate_access_integrity)."""
+        if dist.get_world_size(self.parallelization_group) > 1:
+            super().apply_saving_parallelization(sharded_state_dict)
+
     def save(self, sharded_state_dict: ShardedStateDict, checkpoint_dir: Path) -> None:
         super().save(_with_exact_storage(sharded_state_dict), checkpoint_dir)
 
