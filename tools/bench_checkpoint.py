@@ -7,7 +7,8 @@ Builds a Qwen2-0.5B-shaped model (--preset; fewer layers to fit a laptop) with m
 distributed optimizer on `nproc` local ranks and trains it on random tokens (on the GPU where there
 is one: --nproc 1 per GPU of the machine). Times: a training
 step; full synchronous checkpoints (model + optimizer, torch_dist, fsync'd, published
-atomically); asynchronous checkpoints (the part that blocks training, then training steps run,
+atomically); asynchronous checkpoints (the part that blocks training, also for each save in order,
+as a run's first two saves plan the files and the later ones reuse the plans; then training steps run,
 as the trainer's loop does, until the background writer has finished and the save is published;
 the time that took beyond as many plain steps is what a save costs training; and rank 0's minor
 page faults in the step that triggers a save against a plain step's: megatron's writer is a forked
@@ -281,9 +282,12 @@ def main() -> None:
         threads = f"{args.threads} CPU threads per rank" if args.threads else "torch's default CPU threads"
         print(f"training step         {best['step']:.2f} s ({args.precision}, {args.micro_batches} micro-batch(es) of "
               f"seq {args.seq}, {threads})")
-        print(f"async save            {best['async_blocking']:.2f} s blocking (checkpoint.async_copy="
+        in_order = ", ".join(f"{t:.3f}" for t in times["async_blocking"])
+        print(f"async save            {best['async_blocking']:.3f} s blocking (checkpoint.async_copy="
               f"{args.async_copy}), then a step of "
               f"{best['step_while_writing']:.2f} s while writing; published after {best['async_total']:.2f} s")
+        print(f"  blocking, by save   {in_order} s (rank 0; the first two plan the files, the later ones reuse "
+              "the plans)")
         print(f"step triggering save  {100 * slowed:+.1f}% vs a plain step (async); rank 0's page faults in "
               f"it: {statistics.median(times['step_while_writing_faults']):,.0f} against "
               f"{statistics.median(times['step_faults']):,.0f} in a plain step (medians)")
