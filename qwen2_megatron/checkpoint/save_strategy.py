@@ -108,8 +108,9 @@ class RunSaveStrategy:
     def get(self, sharded_state_dict: ShardedStateDict) -> tuple[FullyParallelSaveStrategyWrapper, bool]:
         """Collective: (the strategy for this state, whether megatron must validate its sharding)."""
         structure = state_structure(sharded_state_dict)
-        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-        same = torch.tensor([int(self._strategy is not None and structure == self._structure)], device=device)
+        # the communication device: the GPU, or the CPU where parallel/cpu_compat.py stands in for CUDA
+        same = torch.tensor([int(self._strategy is not None and structure == self._structure)],
+                            device=torch.cuda.current_device())
         dist.all_reduce(same, op=dist.ReduceOp.MIN)
         if same.item() and self._strategy is not None:
             return self._strategy, False
