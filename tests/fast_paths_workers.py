@@ -152,6 +152,7 @@ def _variant(shape: Any, layout: Any, reference: dict[str, Tensor], batches: lis
         "rms_norm": sum(isinstance(m, local_modules.LigerRMSNorm) for m in modules),
         "swiglu": sum(isinstance(m, local_modules.LigerSwiGLUMLP) for m in modules),
         "rope": sum(isinstance(m, local_modules.LigerRopeSelfAttention) for m in modules),
+        "tabled_rope": sum(isinstance(m, local_modules.TabledRopeSelfAttention) for m in modules),
     }
     compiled = compiled_layers(chunks[0].decoder.layers)
     with counting.wrappers_off() if compiled else contextlib.nullcontext():
@@ -262,7 +263,7 @@ def fast_paths_rank(cases: dict[str, Case], trainer_cfgs: dict[str, Any]) -> dic
         # the spec of a plain build after fast ones: nothing left over from them
         modules = list(build_model(shape, runtime.layout, **case.build)[0].modules())
         per_variant["plain_after"] = {
-            "fast_modules": sum(type(m).__name__.startswith("Liger") for m in modules),
+            "fast_modules": sum(type(m).__name__.startswith(("Liger", "Tabled")) for m in modules),
             "compiled": sum(getattr(m, "_compiled_call_impl", None) is not None for m in modules),
         }
         results["layouts"][name] = per_variant

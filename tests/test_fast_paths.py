@@ -14,7 +14,7 @@ One spawn of two gloo ranks (megatron's import dominates start-up), in which:
   steps with train.compile=layers (megatron DDP, distributed optimizer, the trainer's default
   overlap settings).
 Each fast result also proves the fast path ran (kernel calls counted, modules swapped, layers
-compiled). In this process: validation of the settings and the fallbacks.
+compiled; compiled layers' attention takes RoPE from cos/sin tables, tests/test_rope.py). In this process: validation of the settings and the fallbacks.
 """
 
 from __future__ import annotations
@@ -108,20 +108,24 @@ def test_fast_model_equals_plain_model(runs: list[dict], layout: str, variant: s
         assert got["same_names"]
         assert _close(got["loss_diff"], got["loss_scale"]) and _close(got["grad_diff"], got["grad_scale"])
         if variant == "liger":  # every norm (4 in layers + final), MLP and attention swapped, and called
-            assert got["swapped"] == {"rms_norm": 5, "swiglu": 2, "rope": 2} and got["compiled"] == 0
+            assert got["swapped"] == {"rms_norm": 5, "swiglu": 2, "rope": 2, "tabled_rope": 0} and got["compiled"] == 0
             assert all(got["kernel_calls"][k] > 0 for k in ALL)
         elif variant == "compile_liger_swiglu":
             # both MLPs swapped, both layers compiled into one graph shared by the two, no break, and
-            # Liger's kernels run as the graph's operator (forward and backward, 2 layers x 2 micro-batches)
-            assert got["swapped"] == {"rms_norm": 0, "swiglu": 2, "rope": 0} and got["compiled"] == 2
+            # Liger's kernels run as the graph's operator (forward and backward, 2 layers x 2 micro-batches);
+            # compiled layers take RoPE from cos/sin tables
+            assert got["swapped"] == {"rms_norm": 0, "swiglu": 2, "rope": 0, "tabled_rope": 2} and got["compiled"] == 2
             assert got["graphs"] == 1 and got["graph_breaks"] == {} and got["swiglu_op_calls"] == 8
         elif layout == "ep2_moe":
             # both layers' four parts compiled, one graph each shared by the layers; the routed
             # activation's token count differs per EP rank and micro-batch: once more, with a dynamic size
             assert got["compiled"] == 2 and got["graphs"] == 5 and got["graph_breaks"] == {}
-        else:  # both layers compiled, one graph per grad mode shared by the two layers, no break
+            assert got["swapped"]["tabled_rope"] == 2
+        else:  # both layers compiled, one graph per grad mode shared by the two layers, no break,
+            # their RoPE from cos/sin tables and no Liger module
             assert got["compiled"] == 2 and got["graphs"] == 2 and got["graph_breaks"] == {}
-            assert sum(got["swapped"].values()) == 0 and sum(got["kernel_calls"].values()) == 0
+            assert got["swapped"] == {"rms_norm": 0, "swiglu": 0, "rope": 0, "tabled_rope": 2}
+            assert sum(got["kernel_calls"].values()) == 0
         assert result["layouts"][layout]["plain_after"] == {"fast_modules": 0, "compiled": 0}
 
 

@@ -126,7 +126,7 @@ def build_model(
     chunks = []
     for chunk in range(vpp or 1):
         vp_stage = chunk if vpp else None
-        block = decoder_block_spec(config, vp_stage, te, fast.liger)
+        block = decoder_block_spec(config, vp_stage, te, fast.liger, compiled=fast.compile != "none")
         if grouped:
             use_grouped_experts(block)
         model = GPTModel(

@@ -12,6 +12,8 @@ Both keep megatron-core's interfaces, so they are swapped in through the ModuleS
 With train.liger_kernels, spec.py swaps in the Liger* subclasses below instead: the same
 parameters (names, shapes, attributes), a forward that calls a fused Triton kernel (liger.py) where
 it computes exactly the plain function, and the plain forward (the base class's) elsewhere.
+With compiled layers (train.compile=layers) the attention is TabledRopeSelfAttention, which
+computes the same RoPE from cos/sin tables that inductor cannot fuse into the rotation.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import Tensor
 
 from qwen2_megatron.model import liger
+from qwen2_megatron.model.rope import rotate_with_tables
 
 
 class Qwen2RMSNorm(torch.nn.Module):
@@ -119,8 +122,8 @@ class LigerSwiGLUMLP(MLP):
         return self.linear_fc2(liger.swiglu(intermediate))
 
 
-class LigerRopeSelfAttention(SelfAttention):
-    """megatron's SelfAttention with RoPE applied to query and key by one Liger kernel.
+class RopeSelfAttention(SelfAttention):
+    """megatron's SelfAttention with RoPE applied to query and key by the subclass's `rotate`.
 
     The rotary frequencies are taken out of the call to SelfAttention.forward (so megatron does
     not rotate) and applied as soon as get_query_key_value_tensors has split query, key and value
@@ -130,6 +133,10 @@ class LigerRopeSelfAttention(SelfAttention):
     """
 
     _rope_freqs: Tensor | None = None
+
+    @staticmethod
+    def rotate(query: Tensor, key: Tensor, freqs: Tensor) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
 
     def forward(self, hidden_states: Tensor, *args, **kwargs):
         freqs = kwargs.get("rotary_pos_emb")
@@ -167,8 +174,28 @@ class LigerRopeSelfAttention(SelfAttention):
         if self._rope_freqs is None:
             return qkv
         query, key, value = qkv
-        query, key = liger.rope(query, key, self._rope_freqs)
+        query, key = self.rotate(query, key, self._rope_freqs)
         return query, key, value
+
+
+class LigerRopeSelfAttention(RopeSelfAttention):
+    """RoPE of query and key by one Liger kernel (train.liger_kernels=[rope])."""
+
+    @staticmethod
+    def rotate(query: Tensor, key: Tensor, freqs: Tensor) -> tuple[Tensor, Tensor]:
+        return liger.rope(query, key, freqs)
+
+
+class TabledRopeSelfAttention(RopeSelfAttention):
+    """RoPE of query and key from cos/sin tables computed once per call (rope.rotate_with_tables).
+
+    The attention of compiled layers (train.compile=layers): there inductor would otherwise
+    evaluate cos and sin for every element it rotates.
+    """
+
+    @staticmethod
+    def rotate(query: Tensor, key: Tensor, freqs: Tensor) -> tuple[Tensor, Tensor]:
+        return rotate_with_tables(query, key, freqs)
 
 
 def _param_device(config: TransformerConfig) -> torch.device:

@@ -5,7 +5,8 @@ importable and a GPU present, megatron-core's TE spec is used unchanged. Otherwi
 local spec is taken and two submodules are swapped (local_modules.py): the attention core for a
 fused SDPA one and the norms for an RMSNorm that supports sequence parallelism. `liger` names the
 Liger fast paths to swap in on top (train.liger_kernels: "rms_norm", "swiglu", "rope"; dense MLPs
-only for "swiglu"), each a subclass with the same parameters.
+only for "swiglu"), each a subclass with the same parameters; `compiled` layers take their RoPE
+from cos/sin tables (TabledRopeSelfAttention) unless Liger's RoPE is chosen.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from qwen2_megatron.model.local_modules import (
     LigerSwiGLUMLP,
     Qwen2RMSNorm,
     SDPAttention,
+    TabledRopeSelfAttention,
 )
 
 
@@ -36,11 +38,13 @@ def use_transformer_engine() -> bool:
 
 
 def decoder_block_spec(
-    config: TransformerConfig, vp_stage: int | None, te: bool, liger: tuple[str, ...] = ()
+    config: TransformerConfig, vp_stage: int | None, te: bool, liger: tuple[str, ...] = (),
+    compiled: bool = False,
 ) -> TransformerBlockSubmodules:
     """The layers of this pipeline (virtual) stage, dense or MoE per config.moe_layer_freq.
 
-    liger: Liger kernels to use in the local spec (ignored with Transformer Engine's layers).
+    liger: Liger kernels to use in the local spec; compiled: the layers will be compiled (both
+    ignored with Transformer Engine's layers).
     """
     block = get_gpt_decoder_block_spec(
         config, use_transformer_engine=te, normalization="RMSNorm", vp_stage=vp_stage
@@ -48,18 +52,21 @@ def decoder_block_spec(
     if not te:
         norm = LigerRMSNorm if "rms_norm" in liger else Qwen2RMSNorm
         for layer in {id(spec): spec for spec in block.layer_specs}.values():
-            _swap_local_modules(layer, norm, liger)
+            _swap_local_modules(layer, norm, liger, compiled)
         block.layer_norm = norm
     return block
 
 
-def _swap_local_modules(layer: ModuleSpec, norm: type, liger: tuple[str, ...]) -> None:
+def _swap_local_modules(layer: ModuleSpec, norm: type, liger: tuple[str, ...], compiled: bool) -> None:
     sub = layer.submodules
     sub.input_layernorm = norm
     sub.pre_mlp_layernorm = norm
     sub.self_attention.submodules.core_attention = SDPAttention
-    if "rope" in liger and sub.self_attention.module is SelfAttention:
-        sub.self_attention.module = LigerRopeSelfAttention
+    if sub.self_attention.module is SelfAttention:
+        if "rope" in liger:
+            sub.self_attention.module = LigerRopeSelfAttention
+        elif compiled:
+            sub.self_attention.module = TabledRopeSelfAttention
     mlp = sub.mlp
     if "swiglu" in liger and isinstance(mlp, partial) and getattr(mlp.func, "__self__", None) is MLP:
         sub.mlp = partial(LigerSwiGLUMLP.as_mlp_submodule, *mlp.args, **mlp.keywords)
