@@ -153,6 +153,9 @@ def test_trainer_with_fast_path_follows_the_plain_trajectory(runs: list[dict], n
     ({"compile": "layers", "liger_kernels": ["swiglu", "rms_norm"]}, ParallelLayout(), r"\['rms_norm'\] are alternatives"),
     ({"compile": "layers"}, ParallelLayout(tp=2), "tensor parallel size 1"),
     ({"compile": "layers", "recompute": "selective"}, ParallelLayout(), "selective"),
+    ({"compile": "layers", "activation_memory_budget": 0.0}, ParallelLayout(), r"must be in \(0, 1\]"),
+    ({"compile": "layers", "activation_memory_budget": 1.5}, ParallelLayout(), r"must be in \(0, 1\]"),
+    ({"activation_memory_budget": 0.9}, ParallelLayout(), "applies to compiled layers"),
 ])
 def test_invalid_settings_fail_validation(tmp_path: Path, train: dict, layout: ParallelLayout, match: str) -> None:
     cfg = replace(_trainer_cfg(tmp_path, "x", **train), parallel=layout)
@@ -163,6 +166,7 @@ def test_invalid_settings_fail_validation(tmp_path: Path, train: dict, layout: P
 def test_valid_settings_pass_validation(tmp_path: Path) -> None:
     validate(_trainer_cfg(tmp_path, "a", compile="layers", recompute="full"), world_size=2)
     validate(_trainer_cfg(tmp_path, "c", compile="layers", liger_kernels=["swiglu"]), world_size=2)
+    validate(_trainer_cfg(tmp_path, "d", compile="layers", activation_memory_budget=0.9), world_size=2)
     validate(replace(_trainer_cfg(tmp_path, "b", liger_kernels=["swiglu", "rope"]),
                      parallel=ParallelLayout(tp=2, sequence_parallel=True)), world_size=2)
 

@@ -146,7 +146,7 @@ def build_model(
             model.cuda(torch.cuda.current_device())
         _mark_routed_experts(model)
         if fast.compile == "layers":
-            compile_decoder_layers(model)
+            compile_decoder_layers(model, fast.activation_memory_budget)
         chunks.append(model)
     return chunks
 

@@ -74,6 +74,10 @@ class SDPAttention(DotProductAttention):
             raise NotImplementedError(
                 "packed sequences and attention bias need Transformer Engine's attention"
             )
+        # value is a view of megatron's fused QKV projection output: saved for the backward as
+        # such, it would keep that whole buffer alive (query and key are saved rotated anyway);
+        # the value heads alone are copied
+        value = value.contiguous()
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, d]
         mask_type = attn_mask_type or self.attn_mask_type
         causal = attention_mask is None and mask_type == AttnMaskType.causal

@@ -87,6 +87,9 @@ class TrainConfig:
     # Fast paths of the local (no Transformer Engine) layers; each computes the same function:
     liger_kernels: list[str] = field(default_factory=list)  # Liger's fused rms_norm, swiglu, rope (GPU)
     compile: str = "none"  # none | layers (torch.compile every dense decoder layer)
+    # compiled layers: the share of their activations kept for backward (torch's partitioner knob);
+    # below 1 (0.7-0.99) element-wise results (norms, SwiGLU) are recomputed in backward instead
+    activation_memory_budget: float = 1.0
     stages: list[StageConfig] = field(default_factory=list)
 
 
@@ -263,7 +266,12 @@ def _check_fast_paths(t: TrainConfig, layout: ParallelLayout) -> None:
         raise ConfigError(f"train.liger_kernels={kernels}: distinct names from {list(liger.KERNELS)}")
     if kernels and not liger.available():
         raise ConfigError(f"train.liger_kernels={kernels} needs the liger-kernel package: {liger.INSTALL_HINT}")
+    if not 0 < t.activation_memory_budget <= 1:
+        raise ConfigError(f"train.activation_memory_budget={t.activation_memory_budget} must be in (0, 1]")
     if t.compile == "none":
+        if t.activation_memory_budget != 1:
+            raise ConfigError(f"train.activation_memory_budget={t.activation_memory_budget} applies to compiled "
+                              "layers: set train.compile=layers as well, or leave it at 1")
         return
     if apart := [k for k in kernels if k not in liger.WITH_COMPILED_LAYERS]:
         raise ConfigError(f"train.compile=layers and train.liger_kernels={apart} are alternatives (inductor fuses "

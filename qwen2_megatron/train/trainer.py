@@ -83,7 +83,7 @@ class Trainer:
             enable_wgrad_accumulation_fusion()
         chunks = build_model(
             cfg.model, layout, _param_precision(cfg), moe_grouped_gemm=cfg.train.moe_grouped_gemm,
-            fast=FastPaths(tuple(cfg.train.liger_kernels), cfg.train.compile),
+            fast=FastPaths(tuple(cfg.train.liger_kernels), cfg.train.compile, cfg.train.activation_memory_budget),
             gradient_accumulation_fusion=cfg.train.grad_accum_fusion, **_RECOMPUTE[cfg.train.recompute], **fp8,
         )
         if cfg.train.init_from:
