@@ -141,7 +141,7 @@ EOF
     # optim.fp32_master_weights=false: bf16 weights, gradients and Adam states, as transformers' baseline
     # (--dtype bf16: the GPU default, stated for the CPU smoke run)
     local pure=(--dtype bf16 --override optim.distributed_optimizer=false --override optim.fp32_master_weights=false)
-    # the *-swiglu cases: ours alone as *-pure, with Liger's SwiGLU inside the compiled layers
+    # the *-swiglu cases: *-pure with Liger's SwiGLU inside the compiled layers (beside hf)
     local liger_swiglu=("${fast[@]}" --override "train.liger_kernels=[swiglu]" "${pure[@]}")
     local chunk8k=(--only ours "${liger_swiglu[@]}" --override train.fused_lm_loss_chunk=8192)
     t0=$(date +%s)
