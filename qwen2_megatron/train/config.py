@@ -267,7 +267,8 @@ def _check_fast_paths(t: TrainConfig, layout: ParallelLayout) -> None:
     if kernels and not liger.available():
         raise ConfigError(f"train.liger_kernels={kernels} needs the liger-kernel package: {liger.INSTALL_HINT}")
     if not 0 < t.activation_memory_budget <= 1:
-        raise ConfigError(f"train.activation_memory_budget={t.activation_memory_budget} must be in (0, 1]")
+        raise ConfigError(f"train.activation_memory_budget={t.activation_memory_budget} must be in (0, 1]: 1 keeps "
+                          "torch's choice, 0.7-0.99 recompute the compiled layers' element-wise results")
     if t.compile == "none":
         if t.activation_memory_budget != 1:
             raise ConfigError(f"train.activation_memory_budget={t.activation_memory_budget} applies to compiled "
