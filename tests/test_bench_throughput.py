@@ -49,7 +49,29 @@ def test_cpu_tiny_reports_both_sides(tmp_path: Path) -> None:
     for side in ("ours", "hf"):  # --profile: torch.profiler's table of 2 more steps per side
         table = (tmp_path / f"prof.{side}.txt").read_text()
         assert "Self CPU" in table and "aten::mm" in table, table[:500]
+        assert table.rstrip().endswith("device idle gaps: no device kernels in the profile")  # on CPU
     assert proc.stdout.count("top kernels") == 2
+
+
+def test_idle_gaps_between_kernels_of_overlapping_streams() -> None:
+    from device_gaps import describe, idle_gaps
+
+    kernels = [(0, 10, "a"), (5, 20, "b"), (12, 15, "c"),  # overlapping (two streams): busy 0-20
+               (50, 60, "d"),  # 30 us after b
+               (61, 70, "e"),  # 1 us after d
+               (170, 180, "f")]  # 100 us after e
+    host = [(20, 45, "aten::item"), (25, 30, "cudaStreamSynchronize"), (100, 101, "cudaLaunchKernel"),
+            (72, 160, "optimizer.step"), (5, 60, "started before the gap")]
+    result = idle_gaps(kernels, host, top=2)
+    assert result["span_us"] == 180 and result["busy_us"] == 20 + 10 + 9 + 10 and result["gap_count"] == 3
+    first, second = result["gaps"]
+    assert (first["us"], first["after"], first["before"]) == (100, "e", "f")
+    assert first["host_ops"] == ["optimizer.step", "cudaLaunchKernel"]
+    assert (second["us"], second["after"], second["before"]) == (30, "b", "d")
+    assert second["host_ops"] == ["aten::item", "cudaStreamSynchronize"]
+    text = describe(result)
+    assert "device busy 0.0 of 0.2 ms" in text and "(27.2%)" in text and "idle 0.1 ms in 3 gaps" in text
+    assert idle_gaps([], host)["gap_count"] == 0
 
 
 def test_overrides_reach_the_trainer_config(tmp_path: Path) -> None:

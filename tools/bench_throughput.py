@@ -266,8 +266,11 @@ def time_steps(step: Callable[[int], float], args: argparse.Namespace, device: A
 
 
 def profile_steps(step: Callable[[int], float], first: int, out: Path, device: Any) -> None:
-    """Two more steps under torch.profiler: where a step's device time goes, kernel by kernel."""
+    """Two more steps under torch.profiler: where a step's device time goes, kernel by kernel, and
+    where the device waits between kernels (device_gaps.py)."""
     from torch.profiler import ProfilerActivity, profile
+
+    from device_gaps import from_profiler
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
@@ -276,10 +279,15 @@ def profile_steps(step: Callable[[int], float], first: int, out: Path, device: A
         _sync(device)
     sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     table = prof.key_averages().table(sort_by=sort, row_limit=60, max_name_column_width=70)
+    try:
+        gaps = from_profiler(prof)
+    except Exception as exc:  # a diagnostic; it must not cost the case its measured numbers
+        gaps = f"device idle gaps: not computed ({exc!r})"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(table)
+    out.write_text(f"{table}\n{gaps}\n")
     print(f"  profile of 2 steps ({out}), top kernels:")
     print("\n".join(table.splitlines()[:28]), flush=True)
+    print("\n".join(gaps.splitlines()[:4]), flush=True)
 
 
 def summarize(run: dict[str, Any], tokens_per_step: int, flops_per_token: float, peak: float | None) -> dict[str, Any]:

@@ -13,8 +13,9 @@
 # Wheels in .whl/ are installed offline into /tmp/site (--no-deps) and put on PYTHONPATH.
 # Everything goes to $OUT (default /tmp/gpu_check_out): gpu_check.log, parity.json, bench.jsonl,
 # summary.txt, and profiles.tar.gz (profile_<case>.{ours,hf}.txt: torch.profiler's kernel table of 2
-# steps of each side, in the 7b and *-pure cases beside hf; one archive, as the device tool brings back
-# 8 files at most). Knobs (environment):
+# steps of each side and where the device idled between kernels (tools/device_gaps.py), in the 7b,
+# *-pure and 0.5b-swiglu cases; one archive, as the device tool brings back 8 files at most).
+# Knobs (environment):
 # GPU_CHECK_BUDGET_S (default 450: seconds for all cases after the pre-flight; a case that would
 # start with under 45 s left is skipped), WARMUP (3), STEPS (8),
 # MBS_05B / MBS_15B / MBS_7B / MOE_LAYERS (default by GPU memory, see below), FAST (the overrides
@@ -51,7 +52,7 @@
 # with optim.fp32_master_weights=false (pure bf16, transformers' numerics and 8 bytes per parameter),
 # 7b-pure-mbs, 1.5b-pure-mbs and 0.5b-pure-mbs ours alone so at twice that shape's micro-batch,
 # moe-pure the moe case so; 7b-pure, 1.5b-pure, 0.5b-pure and moe-pure also write torch.profiler's
-# kernel tables, e.g. profile_7b-8L-pure.{ours,hf}.txt, into profiles.tar.gz).
+# kernel tables, e.g. profile_7b-8L-pure.{ours,hf}.txt, into profiles.tar.gz, as does 0.5b-swiglu).
 # GPU_CHECK_CPU_SMOKE=1 runs the same plumbing on CPU with tiny models and 64-token sequences (to
 # test this script without a GPU; the numbers mean nothing). Results so far: tools/GPU_RESULTS.md.
 set -uo pipefail
@@ -194,7 +195,7 @@ EOF
             1.5b-swiglu) run_case qwen2_1.5b-swiglu 150 "$t0" "$py" "${bench[@]}" --preset "$p15" \
                     --micro-batch "$mbs15" "${liger_swiglu[@]}" --label qwen2_1.5b-fast-ligerswiglu-purebf16 ;;
             0.5b-swiglu) run_case qwen2_0.5b-swiglu 150 "$t0" "$py" "${bench[@]}" --preset "$p05" \
-                    --micro-batch "$mbs05" "${liger_swiglu[@]}" --label qwen2_0.5b-fast-ligerswiglu-purebf16 ;;
+                    --micro-batch "$mbs05" "${liger_swiglu[@]}" --profile "$OUT/profile_0.5b-swiglu" --label qwen2_0.5b-fast-ligerswiglu-purebf16 ;;
             7b-swiglu) run_case qwen2_7b-8L-swiglu 150 "$t0" "$py" "${bench[@]}" --preset "$p7" --layers 8 \
                     --micro-batch "$mbs7" "${liger_swiglu[@]}" --label qwen2_7b-8L-fast-ligerswiglu-purebf16 ;;
             1.5b-chunk) run_case qwen2_1.5b-chunk 100 "$t0" "$py" "${bench[@]}" --preset "$p15" \
