@@ -29,8 +29,11 @@
 # weight-gradient accumulator, larger GEMMs; +3.5 GiB of transient logits and their gradient at 1.5B,
 # the whole micro-batch in one chunk at 7B-8L); 7b-lowmem is 7b-pure with
 # train.activation_memory_budget=0.9 (compiled layers recompute their element-wise results in
-# backward: 52 KB less saved per token and layer at 7B, measured on CPU);
-# also 7b, 1.5b, 0.5b, 1.5b-pure-mbs, 0.5b-pure-mbs, 7b-pure-mbs, 7b-sameinit, 7b-autocast, 7b-fusion,
+# backward: 52 KB less saved per token and layer at 7B, measured on CPU), 7b-lowmem-lossbwd that
+# with the fused LM loss's gradients in backward (no fp32 output-layer weight gradient of 2.2 GB
+# held from the loss's forward to its backward; the logits recomputed instead: the gradients in
+# forward were worth +2.9% on 7B-8L);
+# also 7b-lowmem-lossbwd, 7b, 1.5b, 0.5b, 1.5b-pure-mbs, 0.5b-pure-mbs, 7b-pure-mbs, 7b-sameinit, 7b-autocast, 7b-fusion,
 # 7b-liger, 7b-liger-fusion, 1.5b-fusion, 1.5b-plain, 1.5b-liger, ckpt, ckpt-1thread, ckpt-atsave, swiglu):
 # swiglu is tools/bench_swiglu.py (SwiGLU forward + backward on the 1.5B and 7B ffn sizes, each
 # implementation alone, into swiglu.jsonl);
@@ -187,6 +190,10 @@ EOF
             7b-lowmem) run_case qwen2_7b-8L-lowmem 150 "$t0" "$py" "${bench[@]}" --preset "$p7" --layers 8 \
                     --micro-batch "$mbs7" "${fast[@]}" "${pure[@]}" --override train.activation_memory_budget=0.9 \
                     --label qwen2_7b-8L-fast-purebf16-membudget0.9 ;;
+            7b-lowmem-lossbwd) run_case qwen2_7b-8L-lowmem-lossbwd 150 "$t0" "$py" "${bench[@]}" --preset "$p7" \
+                    --layers 8 --micro-batch "$mbs7" --only ours "${fast[@]}" "${pure[@]}" \
+                    --override train.activation_memory_budget=0.9 --override train.fused_lm_loss_grad_in_forward=false \
+                    --label qwen2_7b-8L-fast-purebf16-membudget0.9-lossbwd ;;
             7b-pure-mbs) run_case qwen2_7b-8L-pure-mbs 100 "$t0" "$py" "${bench[@]}" --preset "$p7" --layers 8 \
                     --micro-batch $(( mbs7 * 2 )) --only ours "${fast[@]}" "${pure[@]}" \
                     --label qwen2_7b-8L-fast-purebf16-mbs$(( mbs7 * 2 )) ;;
