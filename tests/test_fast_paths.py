@@ -14,7 +14,8 @@ One spawn of two gloo ranks (megatron's import dominates start-up), in which:
   steps with train.compile=layers (megatron DDP, distributed optimizer, the trainer's default
   overlap settings).
 Each fast result also proves the fast path ran (kernel calls counted, modules swapped, layers
-compiled; compiled layers' attention takes RoPE from cos/sin tables, tests/test_rope.py). In this process: validation of the settings and the fallbacks.
+compiled; compiled layers' attention takes RoPE from cos/sin tables, tests/test_rope.py). In this
+process: validation of the settings and the fallbacks.
 """
 
 from __future__ import annotations

@@ -148,6 +148,7 @@ EOF
     # the *-swiglu cases: *-pure with Liger's SwiGLU inside the compiled layers (beside hf)
     local liger_swiglu=("${fast[@]}" --override "train.liger_kernels=[swiglu]" "${pure[@]}")
     local chunk8k=(--only ours "${liger_swiglu[@]}" --override train.fused_lm_loss_chunk=8192)
+    local lowmem=("${fast[@]}" "${pure[@]}" --override train.activation_memory_budget=0.9)
     t0=$(date +%s)
     local bench=(tools/bench_throughput.py --seq 4096 --warmup "$WARMUP" --steps "$STEPS" --json-out "$OUT/bench.jsonl")
     local parity=(tools/gpu_parity.py --json-out "$OUT/parity.json")
@@ -188,12 +189,10 @@ EOF
                     --micro-batch "$mbs7" "${fast[@]}" "${pure[@]}" --profile "$OUT/profile_7b-8L-pure" \
                     --label qwen2_7b-8L-fast-purebf16 ;;
             7b-lowmem) run_case qwen2_7b-8L-lowmem 150 "$t0" "$py" "${bench[@]}" --preset "$p7" --layers 8 \
-                    --micro-batch "$mbs7" "${fast[@]}" "${pure[@]}" --override train.activation_memory_budget=0.9 \
-                    --label qwen2_7b-8L-fast-purebf16-membudget0.9 ;;
+                    --micro-batch "$mbs7" "${lowmem[@]}" --label qwen2_7b-8L-fast-purebf16-membudget0.9 ;;
             7b-lowmem-lossbwd) run_case qwen2_7b-8L-lowmem-lossbwd 150 "$t0" "$py" "${bench[@]}" --preset "$p7" \
-                    --layers 8 --micro-batch "$mbs7" --only ours "${fast[@]}" "${pure[@]}" \
-                    --override train.activation_memory_budget=0.9 --override train.fused_lm_loss_grad_in_forward=false \
-                    --label qwen2_7b-8L-fast-purebf16-membudget0.9-lossbwd ;;
+                    --layers 8 --micro-batch "$mbs7" --only ours "${lowmem[@]}" \
+                    --override train.fused_lm_loss_grad_in_forward=false --label qwen2_7b-8L-fast-purebf16-membudget0.9-lossbwd ;;
             7b-pure-mbs) run_case qwen2_7b-8L-pure-mbs 100 "$t0" "$py" "${bench[@]}" --preset "$p7" --layers 8 \
                     --micro-batch $(( mbs7 * 2 )) --only ours "${fast[@]}" "${pure[@]}" \
                     --label qwen2_7b-8L-fast-purebf16-mbs$(( mbs7 * 2 )) ;;
