@@ -21,6 +21,7 @@ from qwen2_megatron.parallel.ddp import wrap_ddp
 from qwen2_megatron.parallel.layout import ParallelLayout
 from qwen2_megatron.parallel.runtime import init_runtime, shutdown_runtime
 from qwen2_megatron.train.config import TrainerConfig
+from qwen2_megatron.train.flat_adam import FlatAdamW
 from qwen2_megatron.train.optimizer import _clip_in_fused_adam, guarded_step, inner_optimizers, stepping_optimizers
 from qwen2_megatron.train import trainer as trainer_module
 from qwen2_megatron.train.trainer import Trainer
@@ -126,7 +127,9 @@ def _train(cfg: TrainerConfig, megatron_step: bool) -> dict[str, Any] | str:
         params = [p for chunk in trainer.model for p in chunk.module.parameters()]
         digest = sum(float(p.detach().double().square().sum()) for p in params)
         groups = [g for inner in inner_optimizers(trainer.optimizer) for g in inner.optimizer.param_groups]
-        adam = "fused" if all(g["fused"] for g in groups) else "default" if not any(g["fused"] for g in groups) else "?"
+        adams = [inner.optimizer for inner in inner_optimizers(trainer.optimizer)]
+        adam = ("flat" if all(isinstance(a, FlatAdamW) for a in adams) else "fused" if all(g["fused"] for g in groups)
+                else "default" if not any(g["fused"] for g in groups) else "?")
         # would guarded_step hand a clipping factor to the fused AdamW kernels of this optimizer?
         clip_in_adam = bool(scaled := _clip_in_fused_adam(stepping_optimizers(trainer.optimizer), norm=1e9))
         for torch_adam in scaled:

@@ -37,7 +37,7 @@ _MOE = replace(get_preset("tiny_moe"), hidden_size=64, intermediate_size=128, mo
 
 def _cfg(
     root: Path, run: str, steps: int, layout: ParallelLayout, moe: bool = False, precision: str = "fp32",
-    pure_bf16: bool = False, **ckpt
+    pure_bf16: bool = False, flat_adam: bool = False, **ckpt
 ) -> TrainerConfig:
     """pure_bf16: bf16 without master weights (megatron's FP32Optimizer on the bf16 weights)."""
     return TrainerConfig(
@@ -46,7 +46,8 @@ def _cfg(
         train=TrainConfig(steps=steps, global_batch_size=4, micro_batch_size=2, seq_length=64,
                           precision="bf16" if pure_bf16 else precision),
         optim=OptimConfig(lr=2e-3, warmup_steps=1, decay_steps=6,  # same schedule for 3 and 6 steps
-                          distributed_optimizer=not pure_bf16, fp32_master_weights=not pure_bf16),
+                          distributed_optimizer=not pure_bf16, fp32_master_weights=not pure_bf16,
+                          flat_adam=flat_adam),
         data=demo_mixture(num_workers=0),
         log=LogConfig(interval=1, progress_bar=False),
         run=RunConfig(dir=str(root / run), name=run),
@@ -82,6 +83,14 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
         "pure_first": _cfg(root, "pure", 3, dp2, pure_bf16=True),
         "pure_resumed": _cfg(root, "pure", 6, dp2, pure_bf16=True),
         "pure_tp2_first": _cfg(root, "pure_tp2", 3, tp2, pure_bf16=True),
+        # optim.flat_adam: the loaded state moves into its flat buffers (pure bf16: torch's
+        # load_state_dict replaces the moments; distributed optimizer: loaded into them)
+        "ref_flat": _cfg(root, "ref_flat", 6, dp2, pure_bf16=True, flat_adam=True, save_at_end=False),
+        "flat_first": _cfg(root, "flat", 3, dp2, pure_bf16=True, flat_adam=True),
+        "flat_resumed": _cfg(root, "flat", 6, dp2, pure_bf16=True, flat_adam=True),
+        "ref_flat_dist": _cfg(root, "ref_flat_dist", 6, dp2, flat_adam=True, save_at_end=False),
+        "flat_dist_first": _cfg(root, "flat_dist", 3, dp2, flat_adam=True),
+        "flat_dist_resumed": _cfg(root, "flat_dist", 6, dp2, flat_adam=True),
     }
     results = dict(zip(two, spawn(train_configs, 2, list(two.values()))[0]))
     # The step-3 checkpoints resumed in other layouts (separate run dirs holding copies).
@@ -119,6 +128,12 @@ def test_pure_bf16_run_resumes_exactly(runs: dict) -> None:
     """optim.fp32_master_weights=false: the bf16 weights and bf16 Adam states are the whole
     optimizer state; saved and loaded, the run goes on bit for bit."""
     assert runs["pure_first"] + runs["pure_resumed"] == runs["ref_pure"]
+
+
+@pytest.mark.parametrize("run", ["flat", "flat_dist"])
+def test_flat_adam_run_resumes_exactly(runs: dict, run: str) -> None:
+    """optim.flat_adam keeps torch's AdamW state form: saved and loaded, the run goes on bit for bit."""
+    assert runs[f"{run}_first"] + runs[f"{run}_resumed"] == runs[f"ref_{run}"]
 
 
 def test_other_optimizer_form_is_refused_by_name(runs: dict) -> None:

@@ -54,7 +54,8 @@ OVERLAP = DDPConfig(overlap_grad_reduce=True, overlap_param_gather=True, bucket_
 
 def _cfg(root: Path, name: str, shape: Qwen2Shape, steps: int, ddp: DDPConfig, resume: str | None = None,
          save: bool = False, distributed_optimizer: bool = True, fused_adam: bool = True,
-         foreach_kernels: bool = True, clip_in_fused_adam: bool = True, **train: object) -> TrainerConfig:
+         foreach_kernels: bool = True, clip_in_fused_adam: bool = True, flat_adam: bool = False,
+         fp32_master_weights: bool = True, **train: object) -> TrainerConfig:
     """`steps` steps; a checkpoint at step 2 if `save`; resumed from run `resume`'s checkpoint."""
     return TrainerConfig(
         model=shape, ddp=ddp,
@@ -62,7 +63,8 @@ def _cfg(root: Path, name: str, shape: Qwen2Shape, steps: int, ddp: DDPConfig, r
                              **train}),
         optim=OptimConfig(lr=1e-3, warmup_steps=1, decay_steps=8, distributed_optimizer=distributed_optimizer,
                           fused_adam=fused_adam, foreach_kernels=foreach_kernels,
-                          clip_in_fused_adam=clip_in_fused_adam),
+                          clip_in_fused_adam=clip_in_fused_adam, flat_adam=flat_adam,
+                          fp32_master_weights=fp32_master_weights),
         data=demo_mixture(num_workers=0),  # replaced by seeded random tokens (lever_workers)
         log=LogConfig(interval=100, progress_bar=False),
         run=RunConfig(dir=str(root / name), name=name),
@@ -82,6 +84,17 @@ def _train_runs(root: Path) -> dict[str, TrainerConfig]:
         "a_default_adam": _cfg(root, "a_default", DENSE, 3, PLAIN, fused_adam=False),
         "c_default_adam_allreduce": _cfg(root, "c3", DENSE, 2, PLAIN, distributed_optimizer=False,
                                          fused_adam=False, micro_batch_size=1),
+        # optim.flat_adam: one compiled AdamW pass per contiguous gradient run; with the distributed
+        # optimizer (fp32 master shards), megatron's bf16 optimizer (fp32 master copies), pure bf16
+        # (the weights themselves) and MoE (a ChainedOptimizer; padded buckets: several runs)
+        "a_flat_adam": _cfg(root, "a_flat", DENSE, 3, PLAIN, flat_adam=True),
+        "c_bf16_allreduce_flat_adam": _cfg(root, "c7", DENSE, 3, PLAIN, distributed_optimizer=False,
+                                           precision="bf16", flat_adam=True),
+        "p_pure_bf16": _cfg(root, "p1", DENSE, 3, PLAIN, distributed_optimizer=False, precision="bf16",
+                            fp32_master_weights=False),
+        "p_pure_bf16_flat_adam": _cfg(root, "p2", DENSE, 3, PLAIN, distributed_optimizer=False, precision="bf16",
+                                      fp32_master_weights=False, flat_adam=True),
+        "m_sequential_flat_adam": _cfg(root, "m_flat", MOE, 3, OVERLAP, flat_adam=True),
         # optim.foreach_kernels=false: megatron's per-tensor norm and scaling fallbacks; with the
         # distributed optimizer (fp32) and without it (bf16: megatron's fp16-optimizer copies)
         "a_default_kernels": _cfg(root, "a_kernels", DENSE, 3, PLAIN, foreach_kernels=False),
@@ -207,6 +220,18 @@ def test_fused_adam_follows_the_default_trajectory(results: dict, fused: str, de
     for rank in _runs(results):
         a, b = rank[default]["digest"], rank[fused]["digest"]
         assert abs(a - b) <= 1e-5 * a, (a, b)
+
+
+@pytest.mark.parametrize("flat, fused", [("a_flat_adam", "a_plain"),
+                                         ("c_bf16_allreduce_flat_adam", "c_bf16_allreduce"),
+                                         ("p_pure_bf16_flat_adam", "p_pure_bf16"),
+                                         ("m_sequential_flat_adam", "m_sequential")])
+def test_flat_adam_follows_torchs_fused_adamw(results: dict, flat: str, fused: str) -> None:
+    """optim.flat_adam: FlatAdamW (one compiled pass per gradient run) makes torch's fused AdamW
+    update up to rounding, in every optimizer megatron builds, with clipping at work."""
+    for rank in _runs(results):
+        assert rank[flat]["adam"] == "flat" and rank[fused]["adam"] == "fused", (rank[flat], rank[fused])
+    _assert_same_clipped_steps(results, flat, fused, 1e-5)
 
 
 @pytest.mark.parametrize("guarded, megatron, tolerance", [("a_clip_by_megatron", "a_megatron_step", 0.0),

@@ -21,9 +21,13 @@
 # MBS_05B / MBS_15B / MBS_7B / MOE_LAYERS (default by GPU memory, see below), FAST (the overrides
 # of "ours" beside hf in the 1.5b, 7b, 0.5b and moe cases; default compiled layers + compiled fused LM
 # loss with its gradients in forward), CASES (run in order while the budget lasts; default
-# "1.5b-swiglu 0.5b-swiglu parity ckpt-bigstep 7b-lowmem 1.5b-pure 0.5b-pure 1.5b-chunk 0.5b-chunk 7b-pure 7b-swiglu 7b-chunk moe-pure moe-eager moe":
-# one short GPU session runs about the first five: the issue-7 targets within reach, the GPU
-# parity of their new kernels, issue 5's asynchronous save, the 7B-8L memory target;
+# "adam 1.5b-swiglu 0.5b-swiglu parity ckpt-bigstep 7b-lowmem 1.5b-pure 0.5b-pure 1.5b-chunk 0.5b-chunk 7b-pure 7b-swiglu 7b-chunk moe-pure moe-eager moe":
+# one short GPU session runs about the first six: the optimizer micro-benchmark, the issue-7 targets
+# within reach, the GPU parity of their new kernels, issue 5's asynchronous save, the 7B-8L memory
+# target; adam is tools/bench_adam.py (the optimizer phase of a pure-bf16 7B-8L step, torch's fused
+# AdamW against optim.flat_adam, into adam.jsonl): where FlatAdamW was faster and its weights agree,
+# the later *-swiglu, *-chunk and 7b-lowmem* cases run with optim.flat_adam=true (label "-flatadam";
+# FLAT_ADAM=on or off decides so instead);
 # *-swiglu is the *-pure case with Liger's SwiGLU inside the compiled layers (beside hf), *-chunk
 # that, ours alone, with the fused LM loss over 8192-token chunks instead of 2048 (fewer passes over its fp32
 # weight-gradient accumulator, larger GEMMs; +3.5 GiB of transient logits and their gradient at 1.5B,
@@ -80,9 +84,10 @@ mkdir -p "$OUT"
 BUDGET_S=${GPU_CHECK_BUDGET_S:-450}
 WARMUP=${WARMUP:-3}
 STEPS=${STEPS:-8}
-CASES=${CASES:-1.5b-swiglu 0.5b-swiglu parity ckpt-bigstep 7b-lowmem 1.5b-pure 0.5b-pure 1.5b-chunk 0.5b-chunk 7b-pure 7b-swiglu 7b-chunk moe-pure moe-eager moe}
+CASES=${CASES:-adam 1.5b-swiglu 0.5b-swiglu parity ckpt-bigstep 7b-lowmem 1.5b-pure 0.5b-pure 1.5b-chunk 0.5b-chunk 7b-pure 7b-swiglu 7b-chunk moe-pure moe-eager moe}
 read -r -a FAST <<< "${FAST:-train.compile=layers train.fused_lm_loss=true train.fused_lm_loss_compile=true train.fused_lm_loss_grad_in_forward=true}"
 SMOKE=${GPU_CHECK_CPU_SMOKE:-0}
+FLAT_ADAM=${FLAT_ADAM:-auto}
 
 pick_python() {
     local arg=${1:-}
@@ -157,16 +162,30 @@ EOF
     # SwiGLU forward + backward, each implementation on its own (not a training case: no bench.jsonl record)
     local swiglu=(tools/bench_swiglu.py --shapes qwen2_1.5b,qwen2_7b --tokens 16384 --json-out "$OUT/swiglu.jsonl")
     local p05=qwen2_0.5b p15=qwen2_1.5b p7=qwen2_7b pmoe=qwen2_57b_a14b big_step=32
+    local adam=(tools/bench_adam.py --preset "$p7" --layers 8 --precisions pure --json-out "$OUT/adam.jsonl")
+    local flat=() flat_tag=""  # optim.flat_adam: FLAT_ADAM=on, or auto once the adam case has shown it pays
+    [ "$FLAT_ADAM" = on ] && flat=(--override optim.flat_adam=true) flat_tag=-flatadam
     if [ "$SMOKE" = 1 ]; then
         bench=(tools/bench_throughput.py --device cpu --seq 64 --warmup 0 --steps 1 --json-out "$OUT/bench.jsonl")
         parity+=(--device cpu --small)
         ckpt=(tools/bench_checkpoint.py --nproc 1 --seq 64 --layers 1 --repeats 1 --dir /tmp)
         swiglu=(tools/bench_swiglu.py --device cpu --shapes tiny --tokens 256 --iters 2 --json-out "$OUT/swiglu.jsonl")
+        adam=(tools/bench_adam.py --device cpu --preset tiny --layers 2 --precisions pure --steps 1 --warmup 1
+              --json-out "$OUT/adam.jsonl")
         p05=tiny p15=tiny p7=tiny pmoe=tiny_moe big_step=4
     fi
     for case in $CASES; do
         case $case in
             parity) run_case parity 120 "$t0" "$py" "${parity[@]}" ;;
+            adam) run_case adam 120 "$t0" "$py" "${adam[@]}"
+                if [ "$FLAT_ADAM" != auto ]; then
+                    echo "FLAT_ADAM=$FLAT_ADAM: the adam case decides nothing"
+                elif "$py" tools/bench_adam.py --pays "$OUT/adam.jsonl"; then
+                    flat=(--override optim.flat_adam=true) flat_tag=-flatadam
+                    echo "optim.flat_adam pays: the later *-swiglu, *-chunk and 7b-lowmem* cases use it"
+                else
+                    echo "optim.flat_adam does not pay here (or failed): the later cases keep torch's fused AdamW"
+                fi ;;
             1.5b) run_case qwen2_1.5b 150 "$t0" "$py" "${bench[@]}" --preset "$p15" --micro-batch "$mbs15" "${fast[@]}" \
                     --label qwen2_1.5b-fast ;;
             1.5b-fusion) run_case qwen2_1.5b-fusion 100 "$t0" "$py" "${bench[@]}" --preset "$p15" \
@@ -189,27 +208,29 @@ EOF
                     --micro-batch "$mbs7" "${fast[@]}" "${pure[@]}" --profile "$OUT/profile_7b-8L-pure" \
                     --label qwen2_7b-8L-fast-purebf16 ;;
             7b-lowmem) run_case qwen2_7b-8L-lowmem 150 "$t0" "$py" "${bench[@]}" --preset "$p7" --layers 8 \
-                    --micro-batch "$mbs7" "${lowmem[@]}" --label qwen2_7b-8L-fast-purebf16-membudget0.9 ;;
+                    --micro-batch "$mbs7" "${lowmem[@]}" "${flat[@]}" --label qwen2_7b-8L-fast-purebf16-membudget0.9$flat_tag ;;
             7b-lowmem-lossbwd) run_case qwen2_7b-8L-lowmem-lossbwd 150 "$t0" "$py" "${bench[@]}" --preset "$p7" \
                     --layers 8 --micro-batch "$mbs7" --only ours "${lowmem[@]}" \
-                    --override train.fused_lm_loss_grad_in_forward=false --label qwen2_7b-8L-fast-purebf16-membudget0.9-lossbwd ;;
+                    --override train.fused_lm_loss_grad_in_forward=false "${flat[@]}" \
+                    --label qwen2_7b-8L-fast-purebf16-membudget0.9-lossbwd$flat_tag ;;
             7b-pure-mbs) run_case qwen2_7b-8L-pure-mbs 100 "$t0" "$py" "${bench[@]}" --preset "$p7" --layers 8 \
                     --micro-batch $(( mbs7 * 2 )) --only ours "${fast[@]}" "${pure[@]}" \
                     --label qwen2_7b-8L-fast-purebf16-mbs$(( mbs7 * 2 )) ;;
             1.5b-pure) run_case qwen2_1.5b-pure 150 "$t0" "$py" "${bench[@]}" --preset "$p15" --micro-batch "$mbs15" \
                     "${fast[@]}" "${pure[@]}" --profile "$OUT/profile_1.5b-pure" --label qwen2_1.5b-fast-purebf16 ;;
             1.5b-swiglu) run_case qwen2_1.5b-swiglu 150 "$t0" "$py" "${bench[@]}" --preset "$p15" \
-                    --micro-batch "$mbs15" "${liger_swiglu[@]}" --label qwen2_1.5b-fast-ligerswiglu-purebf16 ;;
+                    --micro-batch "$mbs15" "${liger_swiglu[@]}" "${flat[@]}" --label qwen2_1.5b-fast-ligerswiglu-purebf16$flat_tag ;;
             0.5b-swiglu) run_case qwen2_0.5b-swiglu 150 "$t0" "$py" "${bench[@]}" --preset "$p05" \
-                    --micro-batch "$mbs05" "${liger_swiglu[@]}" --profile "$OUT/profile_0.5b-swiglu" --label qwen2_0.5b-fast-ligerswiglu-purebf16 ;;
+                    --micro-batch "$mbs05" "${liger_swiglu[@]}" "${flat[@]}" --profile "$OUT/profile_0.5b-swiglu" \
+                    --label qwen2_0.5b-fast-ligerswiglu-purebf16$flat_tag ;;
             7b-swiglu) run_case qwen2_7b-8L-swiglu 150 "$t0" "$py" "${bench[@]}" --preset "$p7" --layers 8 \
-                    --micro-batch "$mbs7" "${liger_swiglu[@]}" --label qwen2_7b-8L-fast-ligerswiglu-purebf16 ;;
+                    --micro-batch "$mbs7" "${liger_swiglu[@]}" "${flat[@]}" --label qwen2_7b-8L-fast-ligerswiglu-purebf16$flat_tag ;;
             1.5b-chunk) run_case qwen2_1.5b-chunk 100 "$t0" "$py" "${bench[@]}" --preset "$p15" \
-                    --micro-batch "$mbs15" "${chunk8k[@]}" --label qwen2_1.5b-fast-ligerswiglu-chunk8192-purebf16 ;;
+                    --micro-batch "$mbs15" "${chunk8k[@]}" "${flat[@]}" --label qwen2_1.5b-fast-ligerswiglu-chunk8192-purebf16$flat_tag ;;
             7b-chunk) run_case qwen2_7b-8L-chunk 100 "$t0" "$py" "${bench[@]}" --preset "$p7" --layers 8 \
-                    --micro-batch "$mbs7" "${chunk8k[@]}" --label qwen2_7b-8L-fast-ligerswiglu-chunk8192-purebf16 ;;
+                    --micro-batch "$mbs7" "${chunk8k[@]}" "${flat[@]}" --label qwen2_7b-8L-fast-ligerswiglu-chunk8192-purebf16$flat_tag ;;
             0.5b-chunk) run_case qwen2_0.5b-chunk 100 "$t0" "$py" "${bench[@]}" --preset "$p05" \
-                    --micro-batch "$mbs05" "${chunk8k[@]}" --label qwen2_0.5b-fast-ligerswiglu-chunk8192-purebf16 ;;
+                    --micro-batch "$mbs05" "${chunk8k[@]}" "${flat[@]}" --label qwen2_0.5b-fast-ligerswiglu-chunk8192-purebf16$flat_tag ;;
             1.5b-pure-mbs) run_case qwen2_1.5b-pure-mbs 100 "$t0" "$py" "${bench[@]}" --preset "$p15" \
                     --micro-batch $(( mbs15 * 2 )) --only ours "${fast[@]}" "${pure[@]}" \
                     --label qwen2_1.5b-fast-purebf16-mbs$(( mbs15 * 2 )) ;;
@@ -251,6 +272,9 @@ EOF
     if [ -f "$OUT/bench.jsonl" ]; then
         "$py" tools/bench_throughput.py --summarize "$OUT/bench.jsonl" | tee "$OUT/summary.txt"
     fi
+    if [ -f "$OUT/adam.jsonl" ]; then
+        "$py" tools/bench_adam.py --summarize "$OUT/adam.jsonl" | tee -a "$OUT/summary.txt"
+    fi
     # The device tool brings back 8 files at most: the kernel tables travel as one archive.
     if compgen -G "$OUT/profile_*.txt" >/dev/null; then
         (cd "$OUT" && tar czf profiles.tar.gz profile_*.txt && rm -f profile_*.txt)
@@ -277,7 +301,7 @@ run_case() {
     timeout -k 10 "$limit" "$@"
     rc=$?
     echo "=== $name: exit $rc after $(( $(date +%s) - now ))s"
-    if [ "$name" != parity ] && [ "$name" != swiglu ] && [ "${name#checkpoint}" = "$name" ] && [ "$(cat "$OUT/bench.jsonl" 2>/dev/null | wc -l)" -eq "$before" ]; then
+    if [ "$name" != parity ] && [ "$name" != swiglu ] && [ "$name" != adam ] && [ "${name#checkpoint}" = "$name" ] && [ "$(cat "$OUT/bench.jsonl" 2>/dev/null | wc -l)" -eq "$before" ]; then
         if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
             echo "{\"case\": \"$name\", \"timed_out_s\": $limit}" >> "$OUT/bench.jsonl"
         else

@@ -47,6 +47,9 @@ class OptimConfig:
     fused_adam: bool = True  # torch's fused AdamW kernel where megatron-core falls back to torch's AdamW
     foreach_kernels: bool = True  # torch's foreach gradient norm / clipping where megatron falls back
     clip_in_fused_adam: bool = True  # fused AdamW applies the clipping factor in its kernel (no extra pass)
+    # AdamW as one compiled pass over each contiguous run of the gradient buffers, in place of
+    # torch's AdamW (train/flat_adam.py; not with Transformer Engine's or apex's FusedAdam)
+    flat_adam: bool = False
     # bf16: false updates the bf16 weights in place with bf16 gradients and Adam states, 8 bytes
     # per parameter instead of 18 (transformers' pure-bf16 training); needs distributed_optimizer=false
     fp32_master_weights: bool = True

@@ -9,8 +9,9 @@ does. The schedule is megatron-core's OptimizerParamScheduler stepped once per o
 
 Without Transformer Engine or apex, megatron-core falls back to torch's AdamW in its default
 (foreach) form, several passes over the fp32 master weights and states per step; optim.fused_adam
-switches those to torch's fused kernel, one pass (measured on an H200: see README), and
-optim.foreach_kernels gives its gradient norm and clipping torch's multi-tensor kernels
+switches those to torch's fused kernel, one pass (measured on an H200: see README);
+optim.flat_adam replaces that AdamW by one compiled pass per contiguous gradient run
+(train/flat_adam.py). optim.foreach_kernels gives its gradient norm and clipping torch's multi-tensor kernels
 (train/multi_tensor.py).
 """
 
@@ -25,6 +26,7 @@ from megatron.core.optimizer import clip_grads
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from qwen2_megatron.train.config import OptimConfig, TrainConfig
+from qwen2_megatron.train.flat_adam import FlatAdamW, use_flat_adam
 from qwen2_megatron.train.multi_tensor import use_foreach_kernels
 
 _STYLE = {"cosine": "cosine", "wsd": "WSD", "constant": "constant"}
@@ -51,7 +53,11 @@ def build_optimizer(
     )
     use_foreach_kernels(optim.foreach_kernels)
     optimizer = get_megatron_optimizer(config, chunks)
-    if optim.fused_adam:
+    if optim.flat_adam:
+        for inner in inner_optimizers(optimizer):
+            if getattr(inner, "optimizer", None) is not None:
+                use_flat_adam(inner)
+    elif optim.fused_adam:
         _use_fused_adam(optimizer)
     return optimizer
 
@@ -156,10 +162,11 @@ def guarded_step(optimizer: MegatronOptimizer, clip_in_fused_adam: bool = False)
 
 
 def _fused_adams(inners: list[Any]) -> list[Any]:
-    """The torch AdamW of every inner optimizer if each is torch's fused AdamW, else []."""
+    """The torch AdamW of every inner optimizer if each is torch's fused AdamW or a FlatAdamW (both
+    take grad_scale and found_inf as device tensors), else []."""
     adams = [getattr(inner, "optimizer", None) for inner in inners]
-    fused = all(isinstance(a, torch.optim.Adam | torch.optim.AdamW) and all(g.get("fused") for g in a.param_groups)
-                for a in adams)
+    fused = all(isinstance(a, FlatAdamW) or (isinstance(a, torch.optim.Adam | torch.optim.AdamW)
+                                              and all(g.get("fused") for g in a.param_groups)) for a in adams)
     return adams if adams and fused else []
 
 
