@@ -56,6 +56,18 @@ def test_invalid_training_config_is_rejected(sections: dict, world: int, message
     assert message in str(err.value)
 
 
+def test_flat_adam_where_megatron_uses_another_adam_is_rejected(monkeypatch: pytest.MonkeyPatch) -> None:
+    """optim.flat_adam replaces torch's AdamW; with Transformer Engine or apex megatron-core takes
+    their FusedAdam, and the run stops before any model is built."""
+    from megatron.core import optimizer as mcore_optimizer
+
+    assert validate(_cfg(optim={"flat_adam": True}), 2).dp == 2  # torch's AdamW here
+    monkeypatch.setattr(mcore_optimizer, "Adam", type("FusedAdam", (), {"__module__": "transformer_engine.optimizers"}))
+    with pytest.raises(ConfigError, match=r"here it uses transformer_engine.optimizers.FusedAdam: set optim.flat_adam=false"):
+        validate(_cfg(optim={"flat_adam": True}), 2)
+    assert validate(_cfg(), 2).dp == 2
+
+
 def test_layout_problems_surface_through_validate() -> None:
     with pytest.raises(LayoutError, match="world size 3 is not divisible"):
         validate(_cfg(parallel=ParallelLayout(tp=2)), 3)

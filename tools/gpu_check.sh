@@ -21,12 +21,12 @@
 # MBS_05B / MBS_15B / MBS_7B / MOE_LAYERS (default by GPU memory, see below), FAST (the overrides
 # of "ours" beside hf in the 1.5b, 7b, 0.5b and moe cases; default compiled layers + compiled fused LM
 # loss with its gradients in forward), CASES (run in order while the budget lasts; default
-# "adam 1.5b-swiglu 0.5b-swiglu parity ckpt-bigstep 7b-lowmem 1.5b-pure 0.5b-pure 1.5b-chunk 0.5b-chunk 7b-pure 7b-swiglu 7b-chunk moe-pure moe-eager moe":
+# "adam 1.5b-swiglu 0.5b-swiglu parity ckpt-bigstep 7b-lowmem 7b-fusion 1.5b-fusion 0.5b-fusion 1.5b-pure 0.5b-pure 1.5b-chunk 0.5b-chunk 7b-pure 7b-swiglu 7b-chunk moe-pure moe-eager moe":
 # one short GPU session runs about the first six: the optimizer micro-benchmark, the issue-7 targets
 # within reach, the GPU parity of their new kernels, issue 5's asynchronous save, the 7B-8L memory
 # target; adam is tools/bench_adam.py (the optimizer phase of a pure-bf16 7B-8L step, torch's fused
 # AdamW against optim.flat_adam, into adam.jsonl): where FlatAdamW was faster and its weights agree,
-# the later *-swiglu, *-chunk and 7b-lowmem* cases run with optim.flat_adam=true (label "-flatadam";
+# the later *-swiglu, *-chunk, *-fusion and 7b-lowmem* cases run with optim.flat_adam=true (label "-flatadam";
 # FLAT_ADAM=on or off decides so instead);
 # *-swiglu is the *-pure case with Liger's SwiGLU inside the compiled layers (beside hf), *-chunk
 # that, ours alone, with the fused LM loss over 8192-token chunks instead of 2048 (fewer passes over its fp32
@@ -37,14 +37,16 @@
 # with the fused LM loss's gradients in backward (no fp32 output-layer weight gradient of 2.2 GB
 # held from the loss's forward to its backward; the logits recomputed instead: the gradients in
 # forward were worth +2.9% on 7B-8L);
-# also 7b-lowmem-lossbwd, 7b, 1.5b, 0.5b, 1.5b-pure-mbs, 0.5b-pure-mbs, 7b-pure-mbs, 7b-sameinit, 7b-autocast, 7b-fusion,
-# 7b-liger, 7b-liger-fusion, 1.5b-fusion, 1.5b-plain, 1.5b-liger, ckpt, ckpt-1thread, ckpt-atsave, swiglu):
+# also 7b-lowmem-lossbwd, 7b, 1.5b, 0.5b, 1.5b-pure-mbs, 0.5b-pure-mbs, 7b-pure-mbs, 7b-sameinit, 7b-autocast,
+# 7b-liger, 7b-liger-fusion, 1.5b-plain, 1.5b-liger, ckpt, ckpt-1thread, ckpt-atsave, swiglu):
 # swiglu is tools/bench_swiglu.py (SwiGLU forward + backward on the 1.5B and 7B ffn sizes, each
 # implementation alone, into swiglu.jsonl);
 # 1.5b-plain and 1.5b-liger train ours alone on the plain path, or with the Liger kernels + fused
 # LM loss; moe is hf beside ours with FAST and grouped-GEMM experts (MoE layers compiled in parts),
-# moe-eager ours alone so with FAST less the compiled layers (grouped experts and the loss only); 1.5b-fusion and
-# 7b-fusion train ours alone with FAST + train.grad_accum_fusion; 7b-liger and 7b-liger-fusion
+# moe-eager ours alone so with FAST less the compiled layers (grouped experts and the loss only); 1.5b-fusion,
+# 0.5b-fusion and 7b-fusion train ours alone as 1.5b-swiglu, 0.5b-swiglu and 7b-lowmem do, with
+# train.grad_accum_fusion (weight gradients added into the gradient buffer by the compiled layers' own
+# GEMMs instead of DDP's separate add: 4.1 ms of run J's 7B-8L step); 7b-liger and 7b-liger-fusion
 # train ours alone with the Liger kernels + fused LM loss, without and with
 # train.grad_accum_fusion; ckpt is tools/bench_checkpoint.py with one rank on the GPU
 # (ckpt-1thread: one file written at a time instead of checkpoint.write_threads; the asynchronous
@@ -84,7 +86,7 @@ mkdir -p "$OUT"
 BUDGET_S=${GPU_CHECK_BUDGET_S:-450}
 WARMUP=${WARMUP:-3}
 STEPS=${STEPS:-8}
-CASES=${CASES:-adam 1.5b-swiglu 0.5b-swiglu parity ckpt-bigstep 7b-lowmem 1.5b-pure 0.5b-pure 1.5b-chunk 0.5b-chunk 7b-pure 7b-swiglu 7b-chunk moe-pure moe-eager moe}
+CASES=${CASES:-adam 1.5b-swiglu 0.5b-swiglu parity ckpt-bigstep 7b-lowmem 7b-fusion 1.5b-fusion 0.5b-fusion 1.5b-pure 0.5b-pure 1.5b-chunk 0.5b-chunk 7b-pure 7b-swiglu 7b-chunk moe-pure moe-eager moe}
 read -r -a FAST <<< "${FAST:-train.compile=layers train.fused_lm_loss=true train.fused_lm_loss_compile=true train.fused_lm_loss_grad_in_forward=true}"
 SMOKE=${GPU_CHECK_CPU_SMOKE:-0}
 FLAT_ADAM=${FLAT_ADAM:-auto}
@@ -154,6 +156,7 @@ EOF
     local liger_swiglu=("${fast[@]}" --override "train.liger_kernels=[swiglu]" "${pure[@]}")
     local chunk8k=(--only ours "${liger_swiglu[@]}" --override train.fused_lm_loss_chunk=8192)
     local lowmem=("${fast[@]}" "${pure[@]}" --override train.activation_memory_budget=0.9)
+    local wgrad=(--override train.grad_accum_fusion=true)  # the *-fusion cases
     t0=$(date +%s)
     local bench=(tools/bench_throughput.py --seq 4096 --warmup "$WARMUP" --steps "$STEPS" --json-out "$OUT/bench.jsonl")
     local parity=(tools/gpu_parity.py --json-out "$OUT/parity.json")
@@ -182,18 +185,21 @@ EOF
                     echo "FLAT_ADAM=$FLAT_ADAM: the adam case decides nothing"
                 elif "$py" tools/bench_adam.py --pays "$OUT/adam.jsonl"; then
                     flat=(--override optim.flat_adam=true) flat_tag=-flatadam
-                    echo "optim.flat_adam pays: the later *-swiglu, *-chunk and 7b-lowmem* cases use it"
+                    echo "optim.flat_adam pays: the later *-swiglu, *-chunk, *-fusion and 7b-lowmem* cases use it"
                 else
                     echo "optim.flat_adam does not pay here (or failed): the later cases keep torch's fused AdamW"
                 fi ;;
             1.5b) run_case qwen2_1.5b 150 "$t0" "$py" "${bench[@]}" --preset "$p15" --micro-batch "$mbs15" "${fast[@]}" \
                     --label qwen2_1.5b-fast ;;
             1.5b-fusion) run_case qwen2_1.5b-fusion 100 "$t0" "$py" "${bench[@]}" --preset "$p15" \
-                    --micro-batch "$mbs15" --only ours "${fast[@]}" --override train.grad_accum_fusion=true \
-                    --label qwen2_1.5b-fast-wgradfusion ;;
+                    --micro-batch "$mbs15" --only ours "${liger_swiglu[@]}" "${flat[@]}" "${wgrad[@]}" \
+                    --label qwen2_1.5b-fast-ligerswiglu-purebf16-wgradfusion$flat_tag ;;
+            0.5b-fusion) run_case qwen2_0.5b-fusion 100 "$t0" "$py" "${bench[@]}" --preset "$p05" \
+                    --micro-batch "$mbs05" --only ours "${liger_swiglu[@]}" "${flat[@]}" "${wgrad[@]}" \
+                    --label qwen2_0.5b-fast-ligerswiglu-purebf16-wgradfusion$flat_tag ;;
             7b-fusion) run_case qwen2_7b-8L-fusion 100 "$t0" "$py" "${bench[@]}" --preset "$p7" --layers 8 \
-                    --micro-batch "$mbs7" --only ours "${fast[@]}" --override train.grad_accum_fusion=true \
-                    --label qwen2_7b-8L-fast-wgradfusion ;;
+                    --micro-batch "$mbs7" --only ours "${lowmem[@]}" "${flat[@]}" "${wgrad[@]}" \
+                    --label qwen2_7b-8L-fast-purebf16-membudget0.9-wgradfusion$flat_tag ;;
             7b-liger) run_case qwen2_7b-8L-liger 100 "$t0" "$py" "${bench[@]}" --preset "$p7" --layers 8 \
                     --micro-batch "$mbs7" --only ours --override "train.liger_kernels=[rms_norm,swiglu,rope]" --fused-loss \
                     --label qwen2_7b-8L-liger ;;

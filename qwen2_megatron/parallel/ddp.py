@@ -25,6 +25,8 @@ import torch
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.transformer.moe.token_dispatcher import MoETokenDispatcher
 
+from qwen2_megatron.model.wgrad_accumulation import keep_wgrad_flags
+
 
 def wrap_ddp(
     chunks: list[torch.nn.Module],
@@ -71,6 +73,7 @@ def wrap_ddp(
 
     for chunk in wrapped:
         _one_wait_per_compiled_module(chunk)
+        keep_wgrad_flags(chunk)
     if ddp_config.overlap_grad_reduce:
         config.no_sync_func = per_chunk("no_sync")
         config.grad_sync_func = per_chunk("start_grad_sync")  # Megatron-LM's align_grad_reduce

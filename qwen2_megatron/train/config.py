@@ -212,6 +212,8 @@ def validate(cfg: TrainerConfig, world_size: int, have_te: bool = False) -> Para
         raise ConfigError(f"optim.wsd_decay_steps={o.wsd_decay_steps} is longer than the steps after warm-up")
     if not o.fp32_master_weights:
         _check_pure_bf16(t, o)
+    if o.flat_adam:
+        _check_flat_adam()
     if t.precision == "fp8" and not have_te:
         raise ConfigError("train.precision=fp8 needs Transformer Engine on a GPU; use bf16 or install it")
     if cfg.ddp.bucket_size is not None and cfg.ddp.bucket_size < 1:
@@ -258,6 +260,16 @@ def _check_pure_bf16(t: TrainConfig, o: OptimConfig) -> None:
                           "distributed optimizer always keeps fp32 master shards (bf16 ones need Transformer "
                           "Engine's FusedAdam); bf16 states are not sharded, so this saves memory only while "
                           "the data-parallel size is below 6 (8 bytes per parameter against 6 + 12 / DP)")
+
+
+def _check_flat_adam() -> None:
+    import torch
+    from megatron.core import optimizer as mcore_optimizer
+
+    if mcore_optimizer.Adam is not torch.optim.AdamW:
+        adam = mcore_optimizer.Adam
+        raise ConfigError(f"optim.flat_adam replaces torch's AdamW, which megatron-core uses only without Transformer "
+                          f"Engine and apex; here it uses {adam.__module__}.{adam.__name__}: set optim.flat_adam=false")
 
 
 def _check_fast_paths(t: TrainConfig, layout: ParallelLayout) -> None:
