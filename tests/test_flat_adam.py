@@ -158,18 +158,24 @@ def test_layouts_it_cannot_step_are_refused() -> None:
         flat.step()
 
 
-def test_mixed_step_counts_are_refused() -> None:
-    params = _params(torch.float32)
-    views = _buffer(params, gaps=[0] * len(SHAPES))
-    flat = _flat(params)
-    _train(flat, params, views, range(1))
+def test_parameters_at_other_step_counts_get_their_own_bias_correction() -> None:
+    """A state whose parameters have different step counts (a group added later; a state loaded so)
+    is stepped as torch's fused AdamW steps it, each parameter with its own count."""
+    flat_params, torch_params = _params(torch.float32), _params(torch.float32)
+    views = _buffer(flat_params, gaps=[0] * len(SHAPES))
+    flat = _flat(flat_params)
+    reference = torch.optim.AdamW(_groups(torch_params), **HYPER, fused=True)
+    _train(flat, flat_params, views, range(1))
+    _train(reference, torch_params, None, range(1))
     state = flat.state_dict()
     state["state"][0]["step"] = torch.tensor(5.0)
-    fresh = _flat(params)
-    fresh.load_state_dict(state)
-    _set_grads(params, views, 1)
-    with pytest.raises(FlatAdamError, match="different Adam step counts"):
-        fresh.step()
+    flat.load_state_dict(state)
+    reference.state[torch_params[0]]["step"].fill_(5.0)
+    _train(flat, flat_params, views, range(1, 3))
+    _train(reference, torch_params, None, range(1, 3))
+    for mine, theirs in zip(flat_params, torch_params):
+        torch.testing.assert_close(mine, theirs, rtol=2e-6, atol=2e-6)
+    assert [flat.state[p]["step"].item() for p in flat_params] == [7.0, 3.0, 3.0, 3.0, 3.0]
 
 
 def test_only_torchs_adamw_is_replaced() -> None:
@@ -182,3 +188,16 @@ def test_only_torchs_adamw_is_replaced() -> None:
     use_flat_adam(inner)
     assert isinstance(inner.optimizer, FlatAdamW)
     assert [g["weight_decay"] for g in inner.optimizer.param_groups] == [0.1, 0.0]
+
+
+def test_a_parameter_group_added_later_is_stepped() -> None:
+    params = _params(torch.float32)
+    views = _buffer(params, gaps=[0] * len(SHAPES))
+    flat = _flat(params[:3])
+    _train(flat, params[:3], views[:3], range(1))
+    flat.add_param_group({"params": params[3:], "weight_decay": 0.0, "amsgrad": False, "maximize": False, **HYPER})
+    before = [p.detach().clone() for p in params]
+    _set_grads(params, views, 1)
+    flat.step()
+    assert all(not torch.equal(p, b) for p, b in zip(params, before))
+    assert flat.state[params[4]]["step"].item() == 1 and flat.state[params[0]]["step"].item() == 2

@@ -225,16 +225,20 @@ def test_fused_adam_follows_the_default_trajectory(results: dict, fused: str, de
         assert abs(a - b) <= 1e-5 * a, (a, b)
 
 
-@pytest.mark.parametrize("flat, fused", [("a_flat_adam", "a_plain"),
-                                         ("c_bf16_allreduce_flat_adam", "c_bf16_allreduce"),
-                                         ("p_pure_bf16_flat_adam", "p_pure_bf16"),
-                                         ("m_sequential_flat_adam", "m_sequential")])
-def test_flat_adam_follows_torchs_fused_adamw(results: dict, flat: str, fused: str) -> None:
+@pytest.mark.parametrize("flat, fused, tolerance", [("a_flat_adam", "a_plain", 1e-5),
+                                                    ("c_bf16_allreduce_flat_adam", "c_bf16_allreduce", 1e-4),
+                                                    ("p_pure_bf16_flat_adam", "p_pure_bf16", 1e-4),
+                                                    ("m_sequential_flat_adam", "m_sequential", 1e-5)])
+def test_flat_adam_follows_torchs_fused_adamw(results: dict, flat: str, fused: str, tolerance: float) -> None:
     """optim.flat_adam: FlatAdamW (one compiled pass per gradient run) makes torch's fused AdamW
-    update up to rounding, in every optimizer megatron builds, with clipping at work."""
+    update up to rounding, in every optimizer megatron builds, with clipping at work. With bf16
+    weights a last-bit difference of an fp32 update can round a weight to the neighbouring bf16
+    value, so the bf16 runs agree to 1e-4 (weight decay applied to the norms and biases as well
+    moves the bf16-with-master-weights run's sum of squares of the weights by 5e-4 in these 3
+    steps; pure bf16 loses such small updates altogether)."""
     for rank in _runs(results):
         assert rank[flat]["adam"] == "flat" and rank[fused]["adam"] == "fused", (rank[flat], rank[fused])
-    _assert_same_clipped_steps(results, flat, fused, 1e-5)
+    _assert_same_clipped_steps(results, flat, fused, tolerance)
 
 
 @pytest.mark.parametrize("guarded, megatron, tolerance", [("a_clip_by_megatron", "a_megatron_step", 0.0),

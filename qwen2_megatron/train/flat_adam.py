@@ -6,19 +6,24 @@ moved at 2.3 TB/s, where inductor's element-wise kernels on the same H200 reach 
 megatron's DDP already keeps every gradient in contiguous buffers. FlatAdamW moves what it steps
 (pure bf16: the model's weights; with master weights: megatron's fp32 copies or shards of them)
 and Adam's two moments into flat buffers laid out like those gradients, so that one kernel per
-contiguous run of gradients, compiled by torch.compile, reads each gradient, weight and moment
-once and writes weight and moments once. Parameter groups (learning rate, weight decay) reach
-the kernel as a one-byte group index per element where a run spans several groups. The update
-is torch's fused AdamW's; as there, the clipping factor (grad_scale) and the skip decision
-(found_inf) are device tensors, but the unscaled gradients are not written back.
+contiguous run of gradients (of parameters with the same step count), compiled by torch.compile,
+reads each gradient, weight and moment once and writes weight and moments once. Parameter groups
+(learning rate, weight decay) reach the kernel as a one-byte group index per element where a run
+spans several groups. The update is torch's fused AdamW's; as there, the clipping factor
+(grad_scale) and the skip decision (found_inf) are device tensors, but the unscaled gradients are
+not written back. With fp32 weights that are views of the model's (fp32 training with the
+distributed optimizer) the flat copy is stepped and megatron copies it back, as it copies its
+fp32 master copies in bf16 training: 4 bytes per parameter and data-parallel rank more.
 
-The layout is checked at every step (weights, gradients and moments where it put them). When
-something moved them (a checkpoint load replaces the moments, megatron re-points gradients),
-it is rebuilt from the tensors as they are, so the optimizer state is never lost.
+The layout is checked at every step (weights, gradients, moments and step counts where it put
+them, no parameter added). When something moved them (a checkpoint load replaces the moments,
+megatron re-points gradients), it is rebuilt from the tensors as they are, so the optimizer state
+is never lost.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -35,12 +40,23 @@ class FlatAdamError(RuntimeError):
 
 
 @dataclass
+class _Entry:
+    """A parameter while the runs are laid out."""
+
+    grad: torch.Tensor
+    param: torch.Tensor
+    group: int  # index of its parameter group
+    step: float  # Adam steps so far
+
+
+@dataclass
 class _Member:
     param: torch.Tensor
     offset: int  # first element in the run's flat tensors
     grad_ptr: int
-    exp_avg: torch.Tensor  # the views held in the optimizer state
+    exp_avg: torch.Tensor  # the tensors held in the optimizer state
     exp_avg_sq: torch.Tensor
+    step: torch.Tensor
 
 
 @dataclass
@@ -54,14 +70,15 @@ class _Run:
     group_index: torch.Tensor | None
 
     def in_place(self, state: dict) -> bool:
-        """Whether weights, gradients and moments are still where the layout put them."""
+        """Whether weights, gradients, moments and step counts are still where the layout put them."""
         size = self.weight.element_size()
         base = self.weight.data_ptr()
         for m in self.members:
             grad = m.param.grad
             s = state.get(m.param)
             if (grad is None or grad.data_ptr() != m.grad_ptr or m.param.data_ptr() != base + m.offset * size
-                    or s is None or s.get("exp_avg") is not m.exp_avg or s.get("exp_avg_sq") is not m.exp_avg_sq):
+                    or s is None or s.get("exp_avg") is not m.exp_avg or s.get("exp_avg_sq") is not m.exp_avg_sq
+                    or s.get("step") is not m.step):
                 return False
         return True
 
@@ -97,14 +114,10 @@ def adamw_update(
     exp_avg_sq.copy_(torch.where(skip, exp_avg_sq, v.to(exp_avg_sq.dtype)))
 
 
-_compiled: Callable[..., None] | None = None
-
-
+@functools.cache
 def _kernel() -> Callable[..., None]:
-    global _compiled
-    if _compiled is None:
-        _compiled = torch.compile(adamw_update, dynamic=True, fullgraph=True)
-    return _compiled
+    """adamw_update compiled once per process (dynamic sizes: one kernel for all runs)."""
+    return torch.compile(adamw_update, dynamic=True, fullgraph=True)
 
 
 class FlatAdamW(torch.optim.AdamW):
@@ -138,7 +151,7 @@ class FlatAdamW(torch.optim.AdamW):
         grad_scale = one if grad_scale is None else grad_scale.to(device, torch.float32).reshape(())
         kernel = _kernel()
         for run in runs:
-            steps = [self.state[m.param]["step"] for m in run.members]
+            steps = [m.step for m in run.members]
             torch._foreach_add_(steps, 1)
             torch._foreach_sub_(steps, [found_inf] * len(steps))
             group = self.param_groups[run.group if run.group is not None else 0]
@@ -155,7 +168,9 @@ class FlatAdamW(torch.optim.AdamW):
         return table.to(device, non_blocking=True)
 
     def _current_runs(self) -> list[_Run]:
-        if self._runs is None or not all(run.in_place(self.state) for run in self._runs):
+        params = sum(len(group["params"]) for group in self.param_groups)
+        if (self._runs is None or params != sum(len(run.members) for run in self._runs)
+                or not all(run.in_place(self.state) for run in self._runs)):
             self._runs = self._build_runs()
         return self._runs
 
@@ -163,39 +178,44 @@ class FlatAdamW(torch.optim.AdamW):
         betas = {(tuple(g["betas"]), g["eps"]) for g in self.param_groups}
         if len(betas) > 1:
             raise FlatAdamError(f"FlatAdamW needs one (betas, eps) for all parameter groups, got {sorted(betas)}")
-        members = []
-        for index, group in enumerate(self.param_groups):
-            for param in group["params"]:
-                members.append((_grad_of(param), param, index))
-        members.sort(key=lambda m: (m[0].untyped_storage().data_ptr(), str(m[0].dtype), str(m[1].dtype),
-                                    m[0].storage_offset()))
-        runs: list[list[tuple[torch.Tensor, torch.Tensor, int]]] = []
-        for member in members:
-            if runs and _continues(runs[-1][-1], member):
-                runs[-1].append(member)
+        params = [(param, index) for index, group in enumerate(self.param_groups) for param in group["params"]]
+        entries = [_Entry(_grad_of(param), param, index, step) for (param, index), step in zip(params, self._steps(params))]
+        entries.sort(key=lambda e: (e.grad.untyped_storage().data_ptr(), str(e.grad.dtype), str(e.param.dtype),
+                                    e.grad.storage_offset()))
+        runs: list[list[_Entry]] = []
+        for entry in entries:
+            if runs and _continues(runs[-1][-1], entry):
+                runs[-1].append(entry)
             else:
-                runs.append([member])
+                runs.append([entry])
         return [self._flatten(run) for run in runs]
 
-    def _flatten(self, run: list[tuple[torch.Tensor, torch.Tensor, int]]) -> _Run:
+    def _steps(self, params: list[tuple[torch.Tensor, int]]) -> list[float]:
+        """Each parameter's Adam step count so far (0 without state), read with one synchronisation."""
+        counts = [self.state[param].get("step") if param in self.state else None for param, _ in params]
+        known = [torch.as_tensor(c, dtype=torch.float32).to(p.device).reshape(())
+                 for c, (p, _) in zip(counts, params) if c is not None]
+        values = iter(torch.stack(known).tolist() if known else [])
+        return [0.0 if c is None else next(values) for c in counts]
+
+    def _flatten(self, run: list[_Entry]) -> _Run:
         """Move the run's weights and moments into flat tensors laid out like its gradients."""
-        first_grad, first, _ = run[0]
-        last_grad = run[-1][0]
-        start = first_grad.storage_offset()
-        numel = last_grad.storage_offset() + last_grad.numel() - start
-        device, dtype = first.device, first.dtype
-        grad = first_grad.as_strided((numel,), (1,), start)
+        start = run[0].grad.storage_offset()
+        numel = run[-1].grad.storage_offset() + run[-1].grad.numel() - start
+        device, dtype = run[0].param.device, run[0].param.dtype
+        grad = run[0].grad.as_strided((numel,), (1,), start)
         weight = torch.zeros(numel, dtype=dtype, device=device)
         exp_avg, exp_avg_sq = torch.zeros_like(weight), torch.zeros_like(weight)
-        groups = sorted({index for _, _, index in run})
+        groups = sorted({entry.group for entry in run})
         group_index = None
         if len(groups) > 1:
             if groups[-1] >= _GROUPS_PER_RUN:
                 raise FlatAdamError(f"FlatAdamW supports up to {_GROUPS_PER_RUN} parameter groups")
             group_index = torch.empty(numel, dtype=torch.uint8, device=device)
-        members, steps = [], []
-        for grad_view, param, index in run:
-            offset = grad_view.storage_offset() - start
+        members = []
+        for entry in run:
+            param = entry.param
+            offset = entry.grad.storage_offset() - start
             span = slice(offset, offset + param.numel())
             weight[span].copy_(param.detach().reshape(-1))
             param.data = weight[span].view(param.shape)
@@ -204,20 +224,15 @@ class FlatAdamW(torch.optim.AdamW):
                 if key in state:
                     flat[span].copy_(state[key].reshape(-1))
                 state[key] = flat[span].view(param.shape)
-            step = state.get("step")
-            state["step"] = (torch.zeros((), dtype=torch.float32, device=device) if step is None
-                             else torch.as_tensor(step, dtype=torch.float32).to(device).reshape(()))
-            steps.append(state["step"])
-            members.append(_Member(param, offset, grad_view.data_ptr(), state["exp_avg"], state["exp_avg_sq"]))
+            state["step"] = torch.full((), entry.step, dtype=torch.float32, device=device)
+            members.append(_Member(param, offset, entry.grad.data_ptr(), state["exp_avg"], state["exp_avg_sq"],
+                                   state["step"]))
         if group_index is not None:
             # each parameter's group up to the next parameter: the gaps between them (zero weights,
             # gradients and moments, which stay zero) take the group of the one before
             ends = [m.offset for m in members[1:]] + [numel]
-            for (_, _, index), m, end in zip(run, members, ends):
-                group_index[m.offset:end].fill_(index)
-        if len(steps) > 1 and torch.stack(steps).unique().numel() > 1:
-            raise FlatAdamError("the parameters of one gradient buffer have different Adam step counts: the "
-                                "optimizer state was loaded from states of different steps")
+            for entry, m, end in zip(run, members, ends):
+                group_index[m.offset:end].fill_(entry.group)
         return _Run(members, grad, weight, exp_avg, exp_avg_sq, None if group_index is not None else groups[0],
                     group_index)
 
@@ -233,17 +248,17 @@ def _grad_of(param: torch.Tensor) -> torch.Tensor:
     return grad
 
 
-def _continues(previous: tuple[torch.Tensor, torch.Tensor, int], member: tuple[torch.Tensor, torch.Tensor, int]) -> bool:
-    """Whether member's gradient follows previous's in the same buffer, close enough for one run."""
-    prev_grad, prev_param, _ = previous
-    grad, param, _ = member
-    if (grad.untyped_storage().data_ptr() != prev_grad.untyped_storage().data_ptr() or grad.dtype != prev_grad.dtype
-            or param.dtype != prev_param.dtype or param.device != prev_param.device):
+def _continues(previous: _Entry, entry: _Entry) -> bool:
+    """Whether entry's gradient follows previous's in the same buffer, close enough for one run, and
+    both have the same step count (one bias correction per run)."""
+    if (entry.grad.untyped_storage().data_ptr() != previous.grad.untyped_storage().data_ptr()
+            or entry.grad.dtype != previous.grad.dtype or entry.param.dtype != previous.param.dtype
+            or entry.param.device != previous.param.device or entry.step != previous.step):
         return False
-    gap = grad.storage_offset() - (prev_grad.storage_offset() + prev_grad.numel())
+    gap = entry.grad.storage_offset() - (previous.grad.storage_offset() + previous.grad.numel())
     if gap < 0:
-        raise FlatAdamError(f"two parameters' gradients overlap in one buffer (shapes {tuple(prev_param.shape)} and "
-                            f"{tuple(param.shape)}): FlatAdamW would apply both updates to the same elements")
+        raise FlatAdamError(f"two parameters' gradients overlap in one buffer (shapes {tuple(previous.param.shape)} "
+                            f"and {tuple(entry.param.shape)}): FlatAdamW would apply both updates to the same elements")
     return gap <= MAX_GAP
 
 
