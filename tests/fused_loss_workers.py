@@ -144,8 +144,8 @@ def _model_level(case: Case) -> dict[str, Diff]:
         for chunk in chunks:
             if chunk.module.post_process:
                 chunk.module.output_layer.gradient_accumulation_fusion = fusion
-        # gradients in forward must not fall back to recomputing the logits: the loss gradient
-        # of the trainer's masked mean is proportional to the loss mask
+        # gradients in forward must not fall back to recomputing the logits, nor check: the loss
+        # gradient of the trainer's masked mean is proportional to the loss mask (forward.py says so)
         with _recompute_refused(fused_loss.grad_in_forward):
             grads, loss = _grads(chunks, batches, fused_loss)
         if ref_loss is not None:
@@ -160,18 +160,21 @@ def _model_level(case: Case) -> dict[str, Diff]:
 
 @contextmanager
 def _recompute_refused(refuse: bool) -> Iterator[None]:
-    """While `refuse`, the fused loss's backward may not recompute the logits (it raises)."""
-    original = fused_loss_module._recompute_grads
+    """While `refuse`, the fused loss's backward may neither recompute the logits nor check the loss
+    gradient against the mask (a device synchronisation): both raise."""
+    originals = {name: getattr(fused_loss_module, name) for name in ("_recompute_grads", "_is_mask_proportional")}
 
     def refused(*_: object) -> None:
-        raise AssertionError("the fused loss recomputed its logits in backward")
+        raise AssertionError("the fused loss recomputed its logits or checked its loss gradient in backward")
 
     if refuse:
-        fused_loss_module._recompute_grads = refused
+        for name in originals:
+            setattr(fused_loss_module, name, refused)
     try:
         yield
     finally:
-        fused_loss_module._recompute_grads = original
+        for name, original in originals.items():
+            setattr(fused_loss_module, name, original)
 
 
 def fused_loss_rank(cases: list[Case], trainer_cfgs: list[TrainerConfig]) -> tuple[dict, list[list[float]]]:

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from qwen2_megatron.train.flat_adam import MAX_GAP, FlatAdamError, FlatAdamW, use_flat_adam
+from qwen2_megatron.train.flat_adam import MAX_GAP, MOVES_IN_A_ROW, FlatAdamError, FlatAdamW, use_flat_adam
 
 SHAPES = [(48, 32), (32,), (64, 48), (64,), (16, 16)]
 HYPER = {"lr": 1e-3, "betas": (0.9, 0.95), "eps": 1e-8}
@@ -201,3 +201,18 @@ def test_a_parameter_group_added_later_is_stepped() -> None:
     flat.step()
     assert all(not torch.equal(p, b) for p, b in zip(params, before))
     assert flat.state[params[4]]["step"].item() == 1 and flat.state[params[0]]["step"].item() == 2
+
+
+def test_gradients_that_move_every_step_are_refused() -> None:
+    """Gradients copied anew before every step (not DDP's buffers) would make FlatAdamW copy
+    everything every step: after MOVES_IN_A_ROW such steps it stops with the setting to change."""
+    params = _params(torch.float32)
+    flat = _flat(params)
+    for step in range(MOVES_IN_A_ROW):
+        _train(flat, params, _buffer(params, [0] * len(SHAPES)), range(step, step + 1))
+    with pytest.raises(FlatAdamError, match="moved before each of the last 3 steps.*optim.flat_adam=false"):
+        _train(flat, params, _buffer(params, [0] * len(SHAPES)), range(3, 4))
+    flat = _flat(params)  # once moved (a load), then in place: fine
+    views = _buffer(params, [0] * len(SHAPES))
+    _train(flat, params, _buffer(params, [0] * len(SHAPES)), range(2))
+    _train(flat, params, views, range(2, 8))

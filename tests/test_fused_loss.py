@@ -180,6 +180,24 @@ def test_gradients_in_forward_equal_recomputed_ones(
         assert (got.float() - want.float()).abs().max() <= tol * want.float().abs().max()
 
 
+def test_declared_mask_proportional_gradient_is_not_checked(monkeypatch: pytest.MonkeyPatch) -> None:
+    """mask_proportional (the trainer's masked mean, forward.py): backward scales the gradients
+    computed in forward without the check that reads a boolean back from the device; the same
+    gradients as the checked path."""
+    hidden, weight, labels = _tiny(torch.float32, s=13, b=3, h=16, v=70)
+    mask = (torch.rand(13, 3, generator=torch.Generator().manual_seed(2)) > 0.3).float()
+    results = []
+    for declared in (False, True):
+        if declared:
+            monkeypatch.setattr(fused_loss_module, "_is_mask_proportional", lambda *a: pytest.fail("checked"))
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        out = fused_linear_cross_entropy(h, w, labels, chunk_tokens=8, loss_mask=mask, mask_proportional=declared)
+        out.backward(mask * 0.21)
+        results.append((out, h.grad, w.grad))
+    for got, want in zip(*results):
+        assert torch.equal(got, want)
+
+
 def test_evaluation_computes_no_gradients_in_forward(monkeypatch: pytest.MonkeyPatch) -> None:
     """Under no_grad (evaluation) the weight still requires a gradient, yet none is computed."""
     hidden, weight, labels = _tiny(torch.float32)

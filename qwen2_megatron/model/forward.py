@@ -12,6 +12,7 @@ materialising the [tokens, vocab] logits. This is the one place where the loss p
 from __future__ import annotations
 
 import contextlib
+from dataclasses import replace
 from functools import partial
 from typing import Any, Iterator
 
@@ -42,7 +43,10 @@ def _lm_step(
     tokens = batch["tokens"]
     # GPTModel calls an output_processor only on the last pipeline stage, in place of its
     # output layer + cross-entropy; other stages return their hidden states as usual.
-    fused = {} if fused_loss is None else {"output_processor": fused_loss, "loss_mask": batch["loss_mask"]}
+    # lm_loss is a mask-weighted mean: the gradient reaching the per-token losses is proportional to
+    # the mask, which the fused loss then need not check in backward (a device synchronisation)
+    fused = {} if fused_loss is None else {"output_processor": replace(fused_loss, mask_proportional=True),
+                                           "loss_mask": batch["loss_mask"]}
     output = model(tokens, _position_ids(tokens), None, labels=batch["labels"], **fused)
     return output, partial(lm_loss, batch["loss_mask"])
 

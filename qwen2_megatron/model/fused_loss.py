@@ -58,7 +58,8 @@ the weight gradient for a loss gradient equal to the mask (the weight gradient s
 chunks in fp32), and backward only scales both by c: 6 T V H / TP flops, as Liger's fused linear
 cross-entropy. Backward checks that the incoming gradient is c times the mask (one boolean read
 back from the device) and otherwise recomputes as above, so any other use of the per-token loss
-still gets its exact gradients. Memory: the fp32 weight gradient V/TP x H x 4 bytes and the
+still gets its exact gradients; the trainer's loss (forward.py's lm_loss, a masked mean) declares
+it instead (mask_proportional), so its backward never waits for the device. Memory: the fp32 weight gradient V/TP x H x 4 bytes and the
 hidden-state gradient T x H in the compute dtype are held from forward to backward (Qwen2-7B,
 TP = 1: 2.2 GB).
 """
@@ -185,6 +186,7 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
         chunk_tokens: int,
         gradient_accumulation_fusion: bool,
         compiled: bool,
+        mask_proportional: bool,
     ) -> Tensor:
         tp = _tp_size(tp_group)
         total = _gather_along_first_dim(hidden, tp_group) if sequence_parallel and tp > 1 else hidden
@@ -225,6 +227,7 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
         ctx.sequence_parallel = sequence_parallel and tp > 1
         ctx.chunk_tokens = chunk_tokens
         ctx.chunk = chunk
+        ctx.mask_proportional = mask_proportional
         # As megatron's linear layer: the buffer is looked up at forward (a module may be reused).
         ctx.main_grad = getattr(weight, "main_grad", None) if gradient_accumulation_fusion else None
         return loss.view(labels.shape)
@@ -234,7 +237,11 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
     def backward(ctx: Any, grad_loss: Tensor) -> tuple[Tensor | None, ...]:
         hidden, weight, local, lse, mask, early_x, early_w = ctx.saved_tensors
         g = grad_loss.reshape(-1).to(lse.dtype)
-        scale = _scale_of(g, mask) if early_x is not None else None
+        scale = None
+        if early_x is not None:
+            scale = _scale_of(g, mask)
+            if not ctx.mask_proportional and not _is_mask_proportional(g, scale, mask):
+                scale = None
         if scale is not None:
             grad_x = (early_x * scale).to(hidden.dtype)
             grad_w = None
@@ -246,7 +253,7 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
         else:  # no early gradient, or the loss gradient is not mask-proportional: recompute
             grad_x, grad_w = _recompute_grads(ctx, hidden, weight, local, lse, g)
         grad_hidden = _reduce_hidden_grad(ctx, grad_x.view(-1, *hidden.shape[1:]))  # [s, b, H], s gathered
-        return (grad_hidden, _dummy_if_fused(ctx, weight, hidden.dtype, grad_w), *([None] * 7))
+        return (grad_hidden, _dummy_if_fused(ctx, weight, hidden.dtype, grad_w), *([None] * 8))
 
 
 def _vocab_parallel_loss(
@@ -263,12 +270,15 @@ def _vocab_parallel_loss(
     return log_sum - both[0], log_sum + row_max
 
 
-def _scale_of(g: Tensor, mask: Tensor) -> Tensor | None:
-    """c with g = c * mask (to rounding), as a 0-dim tensor; None if g is not of that form. The
-    check reads one boolean back from the device."""
+def _scale_of(g: Tensor, mask: Tensor) -> Tensor:
+    """c with g = c * mask if g has that form, as a 0-dim tensor on the device (no synchronisation)."""
     i = mask.abs().argmax()
-    c = torch.where(mask[i] != 0, g[i] / mask[i], torch.zeros((), dtype=g.dtype, device=g.device))
-    return c if torch.allclose(g, c * mask, rtol=1e-6, atol=0.0) else None
+    return torch.where(mask[i] != 0, g[i] / mask[i], torch.zeros((), dtype=g.dtype, device=g.device))
+
+
+def _is_mask_proportional(g: Tensor, c: Tensor, mask: Tensor) -> bool:
+    """Whether g = c * mask (to rounding); reads one boolean back from the device."""
+    return torch.allclose(g, c * mask, rtol=1e-6, atol=0.0)
 
 
 def _accumulate_wgrad(grad_w: Tensor, grad_logits: Tensor, x: Tensor) -> None:
@@ -345,12 +355,16 @@ def fused_linear_cross_entropy(
     gradient_accumulation_fusion: bool = False,
     compiled: bool = False,
     loss_mask: Tensor | None = None,
+    mask_proportional: bool = False,
 ) -> Tensor:
     """Per-token fp32 loss [s, b] of hidden [s(/TP), b, H] against labels [s, b]; see the class.
 
     compiled: run the per-chunk arithmetic through torch.compile (ChunkMath).
     loss_mask: [s, b]; given, the gradients are computed in forward for a loss gradient
     proportional to it (see the module docstring).
+    mask_proportional: the caller guarantees that the loss gradient is proportional to loss_mask
+    (its loss is a mask-weighted mean of the per-token losses), so backward does not check it and
+    never waits for the device.
     """
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens={chunk_tokens} must be >= 1")
@@ -358,7 +372,7 @@ def fused_linear_cross_entropy(
         loss_mask = None
     return FusedLinearCrossEntropy.apply(
         hidden, weight, labels, loss_mask, tp_group, sequence_parallel, chunk_tokens, gradient_accumulation_fusion,
-        compiled,
+        compiled, mask_proportional,
     )
 
 
@@ -376,6 +390,8 @@ class FusedLMLoss:
     chunk_tokens: int = 2048
     compiled: bool = False  # the per-chunk arithmetic through torch.compile (ChunkMath)
     grad_in_forward: bool = False  # gradients computed in forward for the loss mask (module docstring)
+    # the loss is a mask-weighted mean (forward.py's lm_loss): backward takes the scale unchecked
+    mask_proportional: bool = False
 
     def __call__(
         self,
@@ -413,5 +429,6 @@ class FusedLMLoss:
             gradient_accumulation_fusion=output_layer.gradient_accumulation_fusion,
             compiled=self.compiled,
             loss_mask=loss_mask.transpose(0, 1).contiguous() if self.grad_in_forward and loss_mask is not None else None,
+            mask_proportional=self.mask_proportional,
         )
         return loss.transpose(0, 1).contiguous()

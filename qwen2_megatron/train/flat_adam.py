@@ -33,6 +33,7 @@ import torch
 # far less); a larger gap (another data-parallel rank's shard) starts a new run.
 MAX_GAP = 1 << 16
 _GROUPS_PER_RUN = 256  # the group index is one byte
+MOVES_IN_A_ROW = 3  # steps in a row that find the layout moved before FlatAdamW gives up
 
 
 class FlatAdamError(RuntimeError):
@@ -134,6 +135,7 @@ class FlatAdamW(torch.optim.AdamW):
                 raise FlatAdamError("FlatAdamW implements AdamW without amsgrad or maximize")
             group.update(fused=True, foreach=False)  # the state's conventions (device step counts)
         self._runs: list[_Run] | None = None
+        self._rebuilds_in_a_row = 0
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> None:  # type: ignore[override]
@@ -169,9 +171,16 @@ class FlatAdamW(torch.optim.AdamW):
 
     def _current_runs(self) -> list[_Run]:
         params = sum(len(group["params"]) for group in self.param_groups)
-        if (self._runs is None or params != sum(len(run.members) for run in self._runs)
-                or not all(run.in_place(self.state) for run in self._runs)):
-            self._runs = self._build_runs()
+        if (self._runs is not None and params == sum(len(run.members) for run in self._runs)
+                and all(run.in_place(self.state) for run in self._runs)):
+            self._rebuilds_in_a_row = 0
+            return self._runs
+        self._rebuilds_in_a_row += 1
+        if self._rebuilds_in_a_row > MOVES_IN_A_ROW:
+            raise FlatAdamError(f"the gradients or weights moved before each of the last {MOVES_IN_A_ROW} steps, so "
+                                "FlatAdamW copied everything each time: it needs gradients that stay in megatron "
+                                "DDP's buffers (fp32 master weights with fp32 gradients); set optim.flat_adam=false")
+        self._runs = self._build_runs()
         return self._runs
 
     def _build_runs(self) -> list[_Run]:
@@ -179,7 +188,8 @@ class FlatAdamW(torch.optim.AdamW):
         if len(betas) > 1:
             raise FlatAdamError(f"FlatAdamW needs one (betas, eps) for all parameter groups, got {sorted(betas)}")
         params = [(param, index) for index, group in enumerate(self.param_groups) for param in group["params"]]
-        entries = [_Entry(_grad_of(param), param, index, step) for (param, index), step in zip(params, self._steps(params))]
+        steps = self._steps(params)
+        entries = [_Entry(_grad_of(param), param, index, step) for (param, index), step in zip(params, steps)]
         entries.sort(key=lambda e: (e.grad.untyped_storage().data_ptr(), str(e.grad.dtype), str(e.param.dtype),
                                     e.grad.storage_offset()))
         runs: list[list[_Entry]] = []
