@@ -59,9 +59,9 @@ chunks in fp32), and backward only scales both by c: 6 T V H / TP flops, as Lige
 cross-entropy. Backward checks that the incoming gradient is c times the mask (one boolean read
 back from the device) and otherwise recomputes as above, so any other use of the per-token loss
 still gets its exact gradients; the trainer's loss (forward.py's lm_loss, a masked mean) declares
-it instead (mask_proportional), so its backward never waits for the device. Memory: the fp32 weight gradient V/TP x H x 4 bytes and the
-hidden-state gradient T x H in the compute dtype are held from forward to backward (Qwen2-7B,
-TP = 1: 2.2 GB).
+it instead (mask_proportional), so its backward never waits for the device. Memory: the fp32
+weight gradient V/TP x H x 4 bytes and the hidden-state gradient T x H in the compute dtype are
+held from forward to backward (Qwen2-7B, TP = 1: 2.2 GB).
 """
 
 from __future__ import annotations

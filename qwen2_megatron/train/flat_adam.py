@@ -152,15 +152,15 @@ class FlatAdamW(torch.optim.AdamW):
         found_inf = torch.zeros_like(one) if found_inf is None else found_inf.to(device, torch.float32).reshape(())
         grad_scale = one if grad_scale is None else grad_scale.to(device, torch.float32).reshape(())
         kernel = _kernel()
+        beta1, beta2 = self.param_groups[0]["betas"]  # one (betas, eps) for all groups (_build_runs)
+        eps = self.param_groups[0]["eps"]
         for run in runs:
             steps = [m.step for m in run.members]
             torch._foreach_add_(steps, 1)
             torch._foreach_sub_(steps, [found_inf] * len(steps))
-            group = self.param_groups[run.group if run.group is not None else 0]
-            beta1, beta2 = group["betas"]
             table = settings if run.group is None else settings[run.group]
             kernel(run.weight, run.grad, run.exp_avg, run.exp_avg_sq, table, run.group_index, steps[0], grad_scale,
-                   found_inf, float(beta1), float(beta2), float(group["eps"]))
+                   found_inf, float(beta1), float(beta2), float(eps))
 
     def _settings(self, device: torch.device) -> torch.Tensor:
         """[groups, 2]: each group's learning rate and weight decay on the device, copied without
