@@ -1,6 +1,7 @@
 """A training save writes the trainer's own memory: no host copy of the state before writing
 (qwen2_megatron/checkpoint/save_strategy.py), and what is written is that state. A run's later
-saves reuse megatron's plans without collective planning, and still write their own state."""
+saves reuse megatron's plans without collective planning, and still write their own state. A
+staged asynchronous save (checkpoint/staging.py) plans and copies during the next step."""
 
 from __future__ import annotations
 
@@ -168,6 +169,23 @@ class _RecordingStrategy(RunSaveStrategy):
         return strategy, validate
 
 
+def _count_object_collectives() -> list[int]:
+    """From now on in this process, count torch.distributed's object collectives (megatron's
+    validation, distribution and planning all-gather Python objects) into the returned [count]."""
+    import torch.distributed as dist
+
+    collectives = [0]
+    for name in ("all_gather_object", "gather_object", "broadcast_object_list", "scatter_object_list"):
+        original = getattr(dist, name)
+
+        def counted(*args: object, _original: object = original, **kwargs: object) -> object:
+            collectives[0] += 1
+            return _original(*args, **kwargs)
+
+        setattr(dist, name, counted)
+    return collectives
+
+
 def reused_plans(directory: str) -> dict:
     """Distributed optimizer: three saves of one run (synchronous, synchronous, asynchronous), a
     step between each; what each was given, the object collectives (megatron's validation,
@@ -185,15 +203,7 @@ def reused_plans(directory: str) -> dict:
 
     start_write_results_server()
     runtime = init_runtime(ParallelLayout())
-    collectives = [0]
-    for name in ("all_gather_object", "gather_object", "broadcast_object_list", "scatter_object_list"):
-        original = getattr(dist, name)
-
-        def counted(*args: object, _original: object = original, **kwargs: object) -> object:
-            collectives[0] += 1
-            return _original(*args, **kwargs)
-
-        setattr(dist, name, counted)
+    collectives = _count_object_collectives()
     try:
         trainer = _TinyTrainer("bf16", dist.get_rank(), runtime.layout)
         models, optimizer = trainer.models, trainer.optimizer
@@ -241,3 +251,59 @@ def test_later_saves_reuse_the_plans_and_write_their_own_state(tmp_path: Path, n
         first, second, third = result["object_collectives"]
         assert first > second and third == 0, f"rank {rank}: object collectives per save {result['object_collectives']}"
         assert result["differ"] == [0, 0, 0], f"rank {rank}: tensors differing from the saved state {result['differ']}"
+
+
+def staged_save(directory: str) -> dict:
+    """Distributed optimizer, checkpoint.async_copy=overlap: a step, a save, then a step as the
+    trainer runs it (before_update between its backward and its update), the writer's poll and
+    the wait for the checkpoint; what the save and before_update did, and whether the checkpoint
+    loads back to the state of the step that saved."""
+    import torch.distributed as dist
+
+    from qwen2_megatron.checkpoint.config import CheckpointConfig
+    from qwen2_megatron.checkpoint.manager import CheckpointManager
+    from qwen2_megatron.model.forward import forward_backward
+    from qwen2_megatron.parallel.layout import ParallelLayout
+    from qwen2_megatron.parallel.runtime import init_runtime, shutdown_runtime
+
+    runtime = init_runtime(ParallelLayout())
+    try:
+        trainer = _TinyTrainer("bf16", dist.get_rank(), runtime.layout)
+        manager = CheckpointManager(CheckpointConfig(dir=directory, async_save=True, async_copy="overlap"),
+                                    trainer.shape, runtime.layout, "bf16")
+        collectives = _count_object_collectives()
+        trainer.step()
+        saved = [t.clone() for t in trainer.tensors()]
+        path = manager.save(1, trainer.models, trainer.optimizer, {"step": 1})
+        at_save = collectives[0]
+        files_at_save = sorted(p.name for p in manager.store.partial_path(1).rglob("*"))
+        for chunk in trainer.chunks:
+            chunk.zero_grad_buffer()
+        trainer.optimizer.zero_grad()
+        forward_backward(trainer.chunks, [trainer.batch])
+        manager.before_update()
+        at_update = collectives[0] - at_save
+        trainer.optimizer.step()
+        manager.poll()  # starts the writer
+        manager.wait()
+        changed = sum(not torch.equal(a, b) for a, b in zip(saved, trainer.tensors(), strict=True))
+        state = manager.resume(trainer.models, trainer.optimizer)
+        differ = sum(not torch.equal(a, b) for a, b in zip(saved, trainer.tensors(), strict=True))
+        return {"object_collectives_at_save": at_save, "files_at_save": files_at_save,
+                "object_collectives_at_update": at_update, "published": path.exists(), "resumed_step": state["step"],
+                "changed_by_the_step": changed, "differ": differ}
+    finally:
+        shutdown_runtime()
+
+
+def test_staged_save_captures_at_the_save_and_writes_from_the_next_update(tmp_path: Path) -> None:
+    """The step that saves only captures its state: megatron's planning and the copy to host memory
+    run at the next step's before_update, while its forward and backward keep the device busy.
+    What is written is still the state of the step that saved, not the next step's."""
+    for rank, result in enumerate(spawn(staged_save, 2, str(tmp_path / "run"))):
+        assert result["object_collectives_at_save"] == 0, f"rank {rank}: {result}"
+        assert result["files_at_save"] == [], f"rank {rank}: written at the save: {result['files_at_save']}"
+        assert result["object_collectives_at_update"] > 0, f"rank {rank}: megatron did not plan at the update"
+        assert result["published"] and result["resumed_step"] == 1, f"rank {rank}: {result}"
+        assert result["changed_by_the_step"] > 0, f"rank {rank}: the step after the save changed nothing"
+        assert result["differ"] == 0, f"rank {rank}: {result['differ']} tensors differ from the saved state"

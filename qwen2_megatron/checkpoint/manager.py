@@ -4,9 +4,10 @@ Saving: every `interval` steps, at the end, and on request (a signal or a SAVE f
 directory; see train/trainer.py). With `async_save`, the step that saves only captures the state
 and hands the shards to megatron-core's background writer; the checkpoint is published when every
 rank's writer has finished (checked at each step by `poll`), and at most one save is in flight.
-Its copy of the state to host memory overlaps the next step where `async_copy` says so
-(staging.py): the trainer calls `before_update` before each optimizer step, and the writer is
-started at the first `poll` after that update.
+Where `async_copy` says so (staging.py), the step that saves only captures its state; its
+handing to megatron and its copy to host memory overlap the next step: the trainer calls
+`before_update` before each optimizer step, which does that work while the device still computes
+the step's forward and backward, and the writer is started at the first `poll` after the update.
 Resuming: `resume=auto` takes the newest complete checkpoint of the run (starting fresh when there
 is none), reports incomplete ones, and with `fallback` skips a newest checkpoint whose files are
 damaged (missing, truncated, or failing their checksums: `verify_checksums`); `resume=<path>`
@@ -21,9 +22,11 @@ from __future__ import annotations
 
 import threading
 import time
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
+import torch
 import torch.distributed as dist
 from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 
@@ -31,9 +34,14 @@ from qwen2_megatron.checkpoint.config import CheckpointConfig
 from qwen2_megatron.checkpoint.location import Location, location, remove_tree
 from qwen2_megatron.checkpoint.model_checkpoint import start_write_results_server
 from qwen2_megatron.checkpoint.save_strategy import RunSaveStrategy
-from qwen2_megatron.checkpoint.staging import StagedSave, has_device_tensors
+from qwen2_megatron.checkpoint.staging import StagedSave
 from qwen2_megatron.checkpoint.store import CheckpointStore, checkpoint_step
-from qwen2_megatron.checkpoint.train_checkpoint import load_training, save_training
+from qwen2_megatron.checkpoint.train_checkpoint import (
+    TrainingSnapshot,
+    capture_training,
+    load_training,
+    write_training,
+)
 from qwen2_megatron.checkpoint.validate import (
     IncompleteCheckpointError,
     UnsafeCheckpointError,
@@ -48,6 +56,16 @@ class CheckpointError(RuntimeError):
     """No checkpoint can be resumed from although one was asked for."""
 
 
+@dataclass
+class _Captured:
+    """A step captured for an asynchronous save, not yet handed to megatron."""
+
+    step: int
+    start: float  # when its save began (perf_counter)
+    snapshot: TrainingSnapshot
+    saved_at: torch.cuda.Event | None  # after the step and the capture, on the device's stream
+
+
 class CheckpointManager:
     def __init__(
         self, cfg: CheckpointConfig, shape: Qwen2Shape, layout: ParallelLayout, precision: str
@@ -56,6 +74,7 @@ class CheckpointManager:
         self.store = CheckpointStore(cfg.dir)
         self.main = dist.get_rank() == 0
         self._queue = AsyncCallsQueue() if cfg.async_save else None
+        self._captured: _Captured | None = None  # a save whose writing starts in the next step
         self._staged: StagedSave | None = None  # a save whose host copy overlaps the next step
         self._strategy = RunSaveStrategy(cfg.write_threads)
         self._deleting: threading.Thread | None = None
@@ -66,47 +85,70 @@ class CheckpointManager:
 
     def save(self, step: int, chunks: list[Any], optimizer: Any, train_state: dict[str, Any]) -> Location:
         """Collective: write, publish atomically, then apply retention. With async_save the
-        shards are still being written on return; `poll`/`wait` publish them."""
+        shards are still being written on return (with a staged save, not even handed to megatron
+        yet: `before_update` does that); `poll`/`wait` publish them."""
         self._finish_writing()
         start = time.perf_counter()
-        partial_dir = self.store.partial_path(step)
         if self.main:
             self.store.prepare(step)
         dist.barrier()
         asynchronous = self._queue is not None
-        request = save_training(
-            partial_dir, chunks, optimizer, self.shape, self.layout, self.precision, train_state, asynchronous,
-            self._strategy,
+        snapshot = capture_training(chunks, optimizer, train_state)
+        overlap = asynchronous and (
+            self.cfg.async_copy == "overlap" or (self.cfg.async_copy == "auto" and snapshot.on_gpu)
         )
+        if overlap:
+            saved_at = torch.cuda.current_stream().record_event() if snapshot.on_gpu else None
+            self._captured = _Captured(step, start, snapshot, saved_at)
+            if self.main:
+                print(f"checkpoint of step {step} captured in {time.perf_counter() - start:.2f} s "
+                      "(written from the next step on)", flush=True)
+            return self.store.path(step)
+        request = self._write(step, snapshot, asynchronous)
         publish = partial(self._publish, step, start)
         if request is None:
             publish()
         else:
             request.add_finalize_fn(publish)
-            on_gpu = has_device_tensors(request)
-            overlap = self.cfg.async_copy == "overlap" or (self.cfg.async_copy == "auto" and on_gpu)
-            if overlap:
-                self._staged = StagedSave(request, on_gpu)
-            else:
-                self._queue.schedule_async_request(request)
+            self._queue.schedule_async_request(request)
             if self.main:
-                how = " (host copy overlapping the next step)" if overlap else ""
-                print(
-                    f"checkpoint of step {step} handed to the background writer "
-                    f"in {time.perf_counter() - start:.2f} s{how}",
-                    flush=True,
-                )
+                print(f"checkpoint of step {step} handed to the background writer in "
+                      f"{time.perf_counter() - start:.2f} s", flush=True)
         return self.store.path(step)
+
+    def _write(self, step: int, snapshot: TrainingSnapshot, asynchronous: bool) -> Any:
+        return write_training(
+            self.store.partial_path(step), snapshot, self.shape, self.layout, self.precision, asynchronous,
+            self._strategy,
+        )
 
     @property
     def writing(self) -> bool:
         """A background save is in flight (the same on every rank: `poll` finishes saves together)."""
-        return self._staged is not None or (self._queue is not None and self._queue.get_num_unfinalized_calls() > 0)
+        return (self._captured is not None or self._staged is not None
+                or (self._queue is not None and self._queue.get_num_unfinalized_calls() > 0))
 
     def before_update(self) -> None:
-        """Before an optimizer step: the step must not change the state a staged save still copies."""
+        """Collective, before an optimizer step (its forward and backward queued): hand a captured
+        save to megatron and start its copy to host memory; the update must not change the state
+        a staged save still copies."""
+        if self._captured is not None:
+            self._stage()
         if self._staged is not None:
             self._staged.hold_update()
+
+    def _stage(self) -> None:
+        captured, self._captured = self._captured, None
+
+        def write() -> Any:
+            request = self._write(captured.step, captured.snapshot, asynchronous=True)
+            request.add_finalize_fn(partial(self._publish, captured.step, captured.start))
+            return request
+
+        self._staged = StagedSave(write, captured.saved_at)
+        if self.main:
+            print(f"checkpoint of step {captured.step} handed to the background writer "
+                  f"{time.perf_counter() - captured.start:.2f} s after its save began", flush=True)
 
     def poll(self) -> None:
         """Collective (when a save is in flight): start the writer of a staged save once a step has
@@ -129,6 +171,8 @@ class CheckpointManager:
         self._finish_deleting()
 
     def _finish_writing(self) -> None:
+        if self._captured is not None:  # no update has changed the captured state since
+            self._stage()
         if self._staged is not None:
             self._start_writer()
         if self.writing:
@@ -137,7 +181,7 @@ class CheckpointManager:
     def abort(self) -> None:
         """Stop a background save without publishing it (after a failure elsewhere): its partial
         directory stays behind and is reported and ignored by the next start."""
-        self._staged = None
+        self._captured = self._staged = None
         if self._queue is not None:
             for call in self._queue.async_calls:
                 call.async_caller.close(abort=True)

@@ -97,21 +97,22 @@ class RunSaveStrategy:
     (Megatron-LM's --ckpt-assume-constant-structure). But megatron then writes with the first
     save's plan without checking it, so here every save compares the structure of its state with
     the cached one's, and all ranks agree (one small all-reduce) before the plans are reused; a
-    new structure gets a new strategy and is validated.
+    new structure gets a new strategy and is validated. That all-reduce goes over a gloo group of
+    its own (built with the strategy, on every rank), so that it never waits for the GPU: an
+    asynchronous save runs it while the device still computes the next step.
     """
 
     def __init__(self, threads: int) -> None:
         self.threads = threads
         self._strategy: FullyParallelSaveStrategyWrapper | None = None
         self._structure: tuple[Any, ...] | None = None
+        self._host_group = dist.new_group(backend="gloo")
 
     def get(self, sharded_state_dict: ShardedStateDict) -> tuple[FullyParallelSaveStrategyWrapper, bool]:
         """Collective: (the strategy for this state, whether megatron must validate its sharding)."""
         structure = state_structure(sharded_state_dict)
-        # the communication device: the GPU, or the CPU where parallel/cpu_compat.py stands in for CUDA
-        same = torch.tensor([int(self._strategy is not None and structure == self._structure)],
-                            device=torch.cuda.current_device())
-        dist.all_reduce(same, op=dist.ReduceOp.MIN)
+        same = torch.tensor([int(self._strategy is not None and structure == self._structure)])
+        dist.all_reduce(same, op=dist.ReduceOp.MIN, group=self._host_group)
         if same.item() and self._strategy is not None:
             return self._strategy, False
         self._strategy, self._structure = save_strategy(self.threads, reuse_plans=True), structure

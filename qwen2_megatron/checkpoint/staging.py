@@ -1,14 +1,20 @@
-"""Asynchronous saves whose copy of the state to host memory overlaps the next training step.
+"""Asynchronous saves whose host-side work and copy to host memory overlap the next training step.
 
 megatron-core's asynchronous save copies every shard to host memory when the save is scheduled
 and waits for the copy (torch.cuda.synchronize) before it forks its writer: on an H200 that wait
-was 0.15 s of a 0.28 s step (tools/GPU_RESULTS.md). A staged save instead starts the copies on a
-side CUDA stream into pinned host buffers and returns: the next step's forward and backward, which
-only read the weights and the optimizer's state, run beside the copy; the step's update waits for
-the copy on the device (`hold_update`: a stream wait, the host does not block); the writer is
-forked after that step from the host copies (`request`). The device tensors being copied are kept
-referenced until the copy is done, so the caching allocator cannot hand their memory to the step.
-Where the state is on the CPU there are no streams: the copy is a plain one at save time (the
+was 0.15 s of a 0.28 s step (tools/GPU_RESULTS.md). What was left then was host work: building
+the sharded state dict and megatron's translation and planning of the files (0.04 s). A staged
+save takes none of that at the step that saves. There, the manager only captures the step
+(train_checkpoint.capture_training: the sharded state dict, the small state, the RNG) and marks the
+point in the device's stream (`saved_at`). The next step's forward and backward only read the
+weights and the optimizer's state. While the device computes them, at that step's
+`before_update`, the host builds the StagedSave: on a side CUDA stream ordered after the marked
+point, it hands the captured state to megatron (its planning) and starts the copies into pinned
+host buffers, and returns. The step's update then waits for the copy on the
+device (`hold_update`: a stream wait; the host does not block). The writer is forked after that
+step from the host copies (`request`). The device tensors being copied are kept referenced until
+the copy is done, so the caching allocator cannot hand their memory to the step. Where the state
+is on the CPU there are no streams: the copy is a plain one when the StagedSave is built (the
 writer then reads that copy rather than the trainer's live memory).
 
 The write buckets are found where megatron-core's own schedulers look for them: the second
@@ -18,28 +24,28 @@ argument of the request's write function, which its preload function replaces wi
 from __future__ import annotations
 
 from contextlib import nullcontext
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from megatron.core.dist_checkpointing.strategies.async_utils import AsyncRequest
 
 
-def has_device_tensors(request: AsyncRequest) -> bool:
-    """Whether any shard of the request lives on a GPU."""
-    return any(tensor.is_cuda for _, _, (_, tensors) in request.async_fn_args[1] for _, tensor in tensors)
-
-
 class StagedSave:
     """The host copy of an asynchronous save's shards, started when built."""
 
-    def __init__(self, request: AsyncRequest, on_gpu: bool) -> None:
-        """on_gpu: has_device_tensors(request), which the caller has asked already."""
-        buckets = request.async_fn_args[1]
-        stream = torch.cuda.Stream() if on_gpu else None
+    def __init__(self, write: Callable[[], AsyncRequest], saved_at: torch.cuda.Event | None) -> None:
+        """write: hands the captured state to megatron and returns its request. saved_at: the event
+        recorded on the current stream after the step that saved and its capture (None where the
+        state is on the CPU); nothing queued since has changed the state. `write` runs on the side
+        stream, so that device work megatron may queue (building pieces of a parameter, say) is
+        ordered after that point, and before the copies, as the copies are."""
+        stream = torch.cuda.Stream() if saved_at is not None else None
         if stream is not None:
-            stream.wait_stream(torch.cuda.current_stream())  # the step that saves has written the state
+            stream.wait_event(saved_at)
         staged = []
         with torch.cuda.stream(stream) if stream is not None else nullcontext():
+            request = write()
+            buckets = request.async_fn_args[1]
             for file_name, key, (bytes_data, tensors) in buckets:
                 copies = []
                 for item, tensor in tensors:

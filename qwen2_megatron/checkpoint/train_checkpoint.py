@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from functools import partial
 from typing import Any, Iterator
 
@@ -25,6 +25,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
+from megatron.core.dist_checkpointing.dict_utils import dict_list_map_inplace, nested_values
+from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
 from megatron.core.dist_checkpointing.strategies.async_utils import AsyncRequest
 from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelLoadStrategyWrapper
 from megatron.core.dist_checkpointing.strategies.torch import TorchDistLoadShardedStrategy
@@ -69,6 +71,79 @@ def _load_strategy(fully_parallel: bool) -> TorchDistLoadShardedStrategy | Fully
     return FullyParallelLoadStrategyWrapper(TorchDistLoadShardedStrategy(), group)
 
 
+@dataclass
+class TrainingSnapshot:
+    """One step's checkpoint as captured at that step, before anything is written.
+
+    `sharded` is the sharded state dict: views of the live weights and optimizer state, which
+    stay the step's state until the next optimizer update; its other leaves (the optimizer's
+    common state) hold no device tensors, so that writing it later reads nothing from the device.
+    `state` is train_state.json's content and `rng` this rank's RNG states, both copied now."""
+
+    sharded: dict[str, Any]
+    state: dict[str, Any]
+    rng: dict[str, Any]
+
+    @property
+    def on_gpu(self) -> bool:
+        """Whether any shard lives on a GPU."""
+        return any(isinstance(v, ShardedTensor) and v.data is not None and v.data.is_cuda
+                   for v in nested_values(self.sharded))
+
+
+def capture_training(chunks: list[torch.nn.Module], optimizer: Any, train_state: dict[str, Any]) -> TrainingSnapshot:
+    """Everything a checkpoint of the current step holds (no communication)."""
+    state = {**train_state, "adam_step": _adam_step(optimizer), "optimizer": optimizer_kinds(optimizer),
+             "world_size": dist.get_world_size()}
+    sharded = _sharded_state(chunks, optimizer, is_loading=False)
+    dict_list_map_inplace(_common_on_host, sharded)
+    return TrainingSnapshot(sharded, state, _rng_state())
+
+
+def _common_on_host(value: Any) -> Any:
+    """A device tensor of the common state (an optimizer's step) as a host copy."""
+    if isinstance(value, ShardedObject) and isinstance(value.data, torch.Tensor) and value.data.is_cuda:
+        value.data = value.data.cpu()
+    elif isinstance(value, torch.Tensor) and value.is_cuda:
+        return value.cpu()
+    return value
+
+
+def write_training(
+    path: Location,
+    snapshot: TrainingSnapshot,
+    shape: Qwen2Shape,
+    layout: ParallelLayout,
+    precision: str,
+    asynchronous: bool,
+    strategy: RunSaveStrategy,
+) -> AsyncRequest | None:
+    """Collective. Writes a captured step into `path` (a partial directory); train_state.json is
+    written last.
+
+    With `asynchronous`, the shards are written by megatron-core's background writer and the
+    returned request must be scheduled on an AsyncCallsQueue; its finalisation writes the
+    description files. `strategy`: the run's (its saves reuse megatron's plans).
+    """
+    describe = partial(_write_description, path, shape, layout, precision, snapshot.state)
+    sharded_strategy, validate = strategy.get(snapshot.sharded)
+    request = dist_checkpointing.save(
+        snapshot.sharded,
+        str(path),
+        sharded_strategy=sharded_strategy,
+        validate_access_integrity=validate,
+        async_sharded_save=asynchronous,
+        async_strategy=ASYNC_STRATEGY,
+    )
+    (path / "rng").mkdir(exist_ok=True)  # after: megatron warns about a non-empty directory
+    torch_save(snapshot.rng, path / "rng" / f"rank_{dist.get_rank():05d}.pt")
+    if request is None:
+        describe()
+        return None
+    request.add_finalize_fn(describe)
+    return request
+
+
 def save_training(
     path: Location,
     chunks: list[torch.nn.Module],
@@ -80,34 +155,9 @@ def save_training(
     asynchronous: bool,
     strategy: RunSaveStrategy,
 ) -> AsyncRequest | None:
-    """Collective. Writes into `path` (a partial directory); train_state.json is written last.
-
-    With `asynchronous`, the shards are written by megatron-core's background writer and the
-    returned request must be scheduled on an AsyncCallsQueue; its finalisation writes the
-    description files. Everything describing the step (train state, Adam's step, RNG) is
-    captured now, so training may go on while the shards are written. `strategy`: the run's (its
-    saves reuse megatron's plans).
-    """
-    state = {**train_state, "adam_step": _adam_step(optimizer), "optimizer": optimizer_kinds(optimizer),
-             "world_size": dist.get_world_size()}
-    describe = partial(_write_description, path, shape, layout, precision, state)
-    sharded = _sharded_state(chunks, optimizer, is_loading=False)
-    sharded_strategy, validate = strategy.get(sharded)
-    request = dist_checkpointing.save(
-        sharded,
-        str(path),
-        sharded_strategy=sharded_strategy,
-        validate_access_integrity=validate,
-        async_sharded_save=asynchronous,
-        async_strategy=ASYNC_STRATEGY,
-    )
-    (path / "rng").mkdir(exist_ok=True)  # after: megatron warns about a non-empty directory
-    torch_save(_rng_state(), path / "rng" / f"rank_{dist.get_rank():05d}.pt")
-    if request is None:
-        describe()
-        return None
-    request.add_finalize_fn(describe)
-    return request
+    """Collective: capture_training, then write_training at once."""
+    snapshot = capture_training(chunks, optimizer, train_state)
+    return write_training(path, snapshot, shape, layout, precision, asynchronous, strategy)
 
 
 def _write_description(
