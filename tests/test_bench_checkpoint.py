@@ -42,5 +42,6 @@ def test_two_ranks_report_save_async_load_and_checksums(tmp_path: Path, async_co
     assert re.search(r"^async save in all\s+\d+ steps ran until published", out, re.MULTILINE), out
     assert f"blocking (checkpoint.async_copy={async_copy})" in out
     assert re.search(r"^  blocking, by save   [\d.]+, [\d.]+ s \(rank 0", out, re.MULTILINE), out
+    assert re.search(r"^  staging at update   [\d.]+ s \(median, rank 0", out, re.MULTILINE), out
     assert re.search(r"^async = sync save     yes: 0 of \d+ tensors differ", out, re.MULTILINE), out
     assert list(tmp_path.iterdir()) == []  # the benchmark's checkpoints are removed

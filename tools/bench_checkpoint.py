@@ -10,7 +10,9 @@ step; full synchronous checkpoints (model + optimizer, torch_dist, fsync'd, publ
 atomically); asynchronous checkpoints (the part that blocks training, also for each save in order,
 as a run's first two saves plan the files and the later ones reuse the plans; then training steps run,
 as the trainer's loop does, until the background writer has finished and the save is published;
-the time that took beyond as many plain steps is what a save costs training; and rank 0's minor
+the time that took beyond as many plain steps is what a save costs training; the host time of the
+next step's before_update, where with checkpoint.async_copy=overlap megatron's planning runs and
+the copies start; and rank 0's minor
 page faults in the step that triggers a save against a plain step's: megatron's writer is a forked
 process, which shares the trainer's memory copy-on-write, so every page of host memory the step
 writes while the writer lives is first copied; then the poll after that step, which with
@@ -127,6 +129,7 @@ def save_rank(directory: str, preset: str, layers: int, repeats: int, seq: int, 
         batch = {key: value.to(runtime.device) for key, value in batch.items()}  # a GPU with --nproc 1
 
         faults: list[int] = []  # minor page faults of each step (copy-on-write ones included)
+        holds: list[float] = []  # host time of background.before_update() in each step
 
         def train_step() -> float:
             dist.barrier()
@@ -135,7 +138,9 @@ def save_rank(directory: str, preset: str, layers: int, repeats: int, seq: int, 
                 chunk.zero_grad_buffer()
             optimizer.zero_grad()
             forward_backward(chunks, [batch] * micro_batches)
-            background.before_update()  # as the trainer does: a staged save may still be copying
+            hold_start = time.perf_counter()
+            background.before_update()  # as the trainer does: a staged save is handed over, or still copying
+            holds.append(time.perf_counter() - hold_start)
             optimizer.step()
             dist.barrier()
             faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
@@ -165,7 +170,7 @@ def save_rank(directory: str, preset: str, layers: int, repeats: int, seq: int, 
                     times[task].append(raw_write(Path(directory) / "raw.bin", times["bytes"][-1],
                                                  streams if task == "raw_write_parallel" else 1))
             dist.barrier()
-        for key in ("async_blocking", "step_while_writing", "step_while_writing_faults", "async_total",
+        for key in ("async_blocking", "staging", "step_while_writing", "step_while_writing_faults", "async_total",
                     "steps_while_writing", "async_cost", "first_poll", "later_steps_while_writing", "later_steps_faults"):
             times[key] = []
         for step in range(1, repeats + 1):
@@ -175,6 +180,7 @@ def save_rank(directory: str, preset: str, layers: int, repeats: int, seq: int, 
             times["async_blocking"].append(time.perf_counter() - start)
             steps = [train_step()]  # training goes on, as the trainer's loop does, until published
             times["step_while_writing_faults"].append(faults[-1])
+            times["staging"].append(holds[-1])
             poll_start = time.perf_counter()
             background.poll()  # with async_copy=overlap this one forks the writer
             times["first_poll"].append(time.perf_counter() - poll_start)
@@ -288,6 +294,9 @@ def main() -> None:
               f"{best['step_while_writing']:.2f} s while writing; published after {best['async_total']:.2f} s")
         print(f"  blocking, by save   {in_order} s (rank 0; the first two plan the files, the later ones reuse "
               "the plans)")
+        print(f"  staging at update   {statistics.median(times['staging']):.3f} s (median, rank 0: the host work of "
+              "the next step's before_update; with async_copy=overlap megatron's planning and the start of the "
+              "copies, which on a GPU run while the device computes that step's forward and backward)")
         print(f"step triggering save  {100 * slowed:+.1f}% vs a plain step (async); rank 0's page faults in "
               f"it: {statistics.median(times['step_while_writing_faults']):,.0f} against "
               f"{statistics.median(times['step_faults']):,.0f} in a plain step (medians)")
