@@ -157,7 +157,7 @@ class Trainer:
         batches = self._micro_batches(self.loader)
         losses = forward_backward(self.model, batches, fused_loss=self.fused_loss)
         mean_loss = self._global_mean([d["lm loss"] for d in losses])
-        self.checkpoints.before_update()  # a staged asynchronous save may still be copying the state
+        self.checkpoints.before_update()  # a captured asynchronous save is handed over and copied from here
         stepped, grad_norm = guarded_step(self.optimizer, self.cfg.optim.clip_in_fused_adam)
         loss = float(mean_loss)  # read once the update is queued: the device has work while the host waits
         self.last_grad_norm = grad_norm
