@@ -88,7 +88,7 @@ def save_from_trainer_memory(directory: str, precision: str) -> tuple[int, int, 
 
     from qwen2_megatron.checkpoint.location import location
     from qwen2_megatron.checkpoint.model_checkpoint import start_write_results_server
-    from qwen2_megatron.checkpoint.train_checkpoint import load_training, save_training
+    from qwen2_megatron.checkpoint.train_checkpoint import capture_training, load_training, write_training
     from qwen2_megatron.parallel.layout import ParallelLayout
     from qwen2_megatron.parallel.runtime import init_runtime, shutdown_runtime
 
@@ -99,8 +99,9 @@ def save_from_trainer_memory(directory: str, precision: str) -> tuple[int, int, 
         trainer.step()
         path = location(directory)
         path.mkdir(parents=True)
-        request = save_training(path, trainer.models, trainer.optimizer, trainer.shape, runtime.layout, precision,
-                                {"step": 1}, asynchronous=True, strategy=RunSaveStrategy(2))
+        snapshot = capture_training(trainer.models, trainer.optimizer, {"step": 1})
+        request = write_training(path, snapshot, trainer.shape, runtime.layout, precision, asynchronous=True,
+                                 strategy=RunSaveStrategy(2))
         written, outside = _copies(request.async_fn_args[1], trainer.tensors())
         saved = [t.clone() for t in trainer.tensors()]
         request.execute_sync()
@@ -197,7 +198,7 @@ def reused_plans(directory: str) -> dict:
     from qwen2_megatron.checkpoint import train_checkpoint
     from qwen2_megatron.checkpoint.location import location
     from qwen2_megatron.checkpoint.model_checkpoint import sharded_model_state, start_write_results_server
-    from qwen2_megatron.checkpoint.train_checkpoint import load_training, save_training
+    from qwen2_megatron.checkpoint.train_checkpoint import capture_training, load_training, write_training
     from qwen2_megatron.parallel.layout import ParallelLayout
     from qwen2_megatron.parallel.runtime import init_runtime, shutdown_runtime
 
@@ -217,8 +218,9 @@ def reused_plans(directory: str) -> dict:
             dist.barrier()
             saved.append([t.clone() for t in trainer.tensors()])
             before = collectives[0]
-            request = save_training(path, models, optimizer, trainer.shape, runtime.layout, "bf16", {"step": index},
-                                    asynchronous=index == 2, strategy=strategy)
+            snapshot = capture_training(models, optimizer, {"step": index})
+            request = write_training(path, snapshot, trainer.shape, runtime.layout, "bf16",
+                                     asynchronous=index == 2, strategy=strategy)
             per_save.append(collectives[0] - before)
             if request is not None:
                 request.execute_sync()  # writes, then finalises (the description files)

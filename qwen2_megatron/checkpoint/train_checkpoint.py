@@ -144,22 +144,6 @@ def write_training(
     return request
 
 
-def save_training(
-    path: Location,
-    chunks: list[torch.nn.Module],
-    optimizer: Any,
-    shape: Qwen2Shape,
-    layout: ParallelLayout,
-    precision: str,
-    train_state: dict[str, Any],
-    asynchronous: bool,
-    strategy: RunSaveStrategy,
-) -> AsyncRequest | None:
-    """Collective: capture_training, then write_training at once."""
-    snapshot = capture_training(chunks, optimizer, train_state)
-    return write_training(path, snapshot, shape, layout, precision, asynchronous, strategy)
-
-
 def _write_description(
     path: Location, shape: Qwen2Shape, layout: ParallelLayout, precision: str, state: dict[str, Any]
 ) -> None:
