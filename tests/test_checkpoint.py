@@ -79,6 +79,11 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
         # the next step (which changed the state)
         "overlap_first": _cfg(root, "overlap", 3, dp2, interval=1, async_save=True, async_copy="overlap"),
         "overlap_resumed": _cfg(root, "overlap", 6, dp2, interval=2, async_save=True, async_copy="overlap"),
+        # async_writer=persistent: one writer process per rank for the run, reading staging buffers
+        # in shared memory (on a CPU the copy is taken at the save)
+        "persistent_first": _cfg(root, "persistent", 3, dp2, interval=1, async_save=True, async_writer="persistent"),
+        "persistent_resumed": _cfg(root, "persistent", 6, dp2, interval=2, async_save=True,
+                                   async_writer="persistent"),
         "ref_pure": _cfg(root, "ref_pure", 6, dp2, pure_bf16=True, save_at_end=False),
         "pure_first": _cfg(root, "pure", 3, dp2, pure_bf16=True),
         "pure_resumed": _cfg(root, "pure", 6, dp2, pure_bf16=True),
@@ -147,7 +152,7 @@ def test_other_optimizer_form_is_refused_by_name(runs: dict) -> None:
         assert words in error
 
 
-@pytest.mark.parametrize("run", ["async", "overlap"])
+@pytest.mark.parametrize("run", ["async", "overlap", "persistent"])
 def test_asynchronous_saves_resume_exactly(runs: dict, run: str) -> None:
     assert runs[f"{run}_first"] + runs[f"{run}_resumed"] == runs["ref"]
     store = CheckpointStore(runs["root"] / run / "checkpoints")

@@ -309,3 +309,151 @@ def test_staged_save_captures_at_the_save_and_writes_from_the_next_update(tmp_pa
         assert result["published"] and result["resumed_step"] == 1, f"rank {rank}: {result}"
         assert result["changed_by_the_step"] > 0, f"rank {rank}: the step after the save changed nothing"
         assert result["differ"] == 0, f"rank {rank}: {result['differ']} tensors differ from the saved state"
+
+
+def _count_forks() -> list[int]:
+    """From now on in this process, count os.fork calls (megatron forks its per-save writer) into
+    the returned [count]."""
+    import os
+
+    forks, original = [0], os.fork
+
+    def counted() -> int:
+        forks[0] += 1
+        return original()
+
+    os.fork = counted
+    return forks
+
+
+def _writers() -> list:
+    import torch.multiprocessing as mp
+
+    return [p for p in mp.active_children() if p.name.startswith("checkpoint-writer")]
+
+
+def persistent_saves(directory: str, async_copy: str) -> dict:
+    """Distributed optimizer, checkpoint.async_writer=persistent: three saves, each followed by a
+    step beside its writer; the writer processes seen, the forks made, whether each checkpoint
+    loads back to the state it was saved at, and how the writer ended after the manager closed."""
+    import torch.distributed as dist
+
+    from qwen2_megatron.checkpoint.config import CheckpointConfig
+    from qwen2_megatron.checkpoint.manager import CheckpointManager
+    from qwen2_megatron.model.forward import forward_backward
+    from qwen2_megatron.parallel.layout import ParallelLayout
+    from qwen2_megatron.parallel.runtime import init_runtime, shutdown_runtime
+
+    runtime = init_runtime(ParallelLayout())
+    try:
+        trainer = _TinyTrainer("bf16", dist.get_rank(), runtime.layout)
+        manager = CheckpointManager(
+            CheckpointConfig(dir=directory, async_save=True, async_copy=async_copy, async_writer="persistent",
+                             keep_last=5), trainer.shape, runtime.layout, "bf16")
+        forks = _count_forks()
+        writers, saved = [], []
+        for step in (1, 2, 3):
+            trainer.step()
+            saved.append([t.clone() for t in trainer.tensors()])
+            manager.save(step, trainer.models, trainer.optimizer, {"step": step})
+            for chunk in trainer.chunks:  # the next step, as the trainer runs it
+                chunk.zero_grad_buffer()
+            trainer.optimizer.zero_grad()
+            forward_backward(trainer.chunks, [trainer.batch])
+            manager.before_update()
+            trainer.optimizer.step()
+            manager.poll()
+            writers.append([p.pid for p in _writers()])
+            manager.wait()
+        differ = []
+        for step, expected in zip((1, 2, 3), saved, strict=True):
+            manager.cfg.resume = str(manager.store.path(step))
+            manager.resume(trainer.models, trainer.optimizer)
+            differ.append(sum(not torch.equal(a, b) for a, b in zip(expected, trainer.tensors(), strict=True)))
+        (writer,) = _writers()
+        manager.close()
+        writer.join(timeout=60)
+        return {"writers": writers, "forks": forks[0], "differ": differ, "exitcode": writer.exitcode}
+    finally:
+        shutdown_runtime()
+
+
+@pytest.mark.parametrize("async_copy", ["overlap", "at_save"])
+def test_persistent_writer_writes_every_save_without_forking(tmp_path: Path, async_copy: str) -> None:
+    """One writer process per rank, started with the manager, writes all of a run's saves: the
+    trainer forks nothing, each checkpoint is the state of the step that saved (the writer reads
+    the staging buffers, never the live state the next step changes), and closing stops it."""
+    results = spawn(persistent_saves, 2, str(tmp_path / "run"), async_copy)
+    assert results[0]["writers"] != results[1]["writers"]  # one per rank
+    for rank, result in enumerate(results):
+        first = result["writers"][0]
+        assert len(first) == 1 and result["writers"] == [first] * 3, f"rank {rank}: writers {result['writers']}"
+        assert result["forks"] == 0, f"rank {rank}: {result['forks']} forks"
+        assert result["differ"] == [0, 0, 0], f"rank {rank}: tensors differing from the saved states {result['differ']}"
+        assert result["exitcode"] == 0, f"rank {rank}: the writer ended with {result['exitcode']}"
+
+
+def killed_writer(directory: str) -> dict:
+    """checkpoint.async_writer=persistent on one rank: the writer is killed (kill -9), then a save;
+    what waiting for it raises, and what the store lists."""
+    import os
+    import signal
+
+    from qwen2_megatron.checkpoint.config import CheckpointConfig
+    from qwen2_megatron.checkpoint.manager import CheckpointManager
+    from qwen2_megatron.parallel.layout import ParallelLayout
+    from qwen2_megatron.parallel.runtime import init_runtime, shutdown_runtime
+
+    runtime = init_runtime(ParallelLayout())
+    try:
+        trainer = _TinyTrainer("bf16", 0, runtime.layout)
+        manager = CheckpointManager(CheckpointConfig(dir=directory, async_save=True, async_writer="persistent"),
+                                    trainer.shape, runtime.layout, "bf16")
+        (writer,) = _writers()
+        os.kill(writer.pid, signal.SIGKILL)
+        writer.join()
+        trainer.step()
+        manager.save(1, trainer.models, trainer.optimizer, {"step": 1})
+        try:
+            manager.wait()
+            error = None
+        except Exception as err:  # noqa: BLE001 - what it is, is the test's to check
+            error = f"{type(err).__name__}: {err}"
+        manager.abort()
+        manager.close()
+        listing = manager.store.listing()
+        return {"error": error, "pid": writer.pid, "complete": listing.complete, "incomplete": listing.incomplete}
+    finally:
+        shutdown_runtime()
+
+
+def test_killed_persistent_writer_fails_the_save_by_name(tmp_path: Path) -> None:
+    """A writer that died does not leave the trainer waiting forever: the wait fails naming the
+    process and its signal, and the checkpoint stays unpublished (partial, ignored at the next start)."""
+    (result,) = spawn(killed_writer, 1, str(tmp_path / "run"), timeout_s=300)  # a regression would wait forever
+    assert result["error"] is not None and result["error"].startswith("WriterDiedError"), result
+    assert f"pid {result['pid']}" in result["error"] and "code -9" in result["error"], result["error"]
+    assert result["complete"] == [] and len(result["incomplete"]) == 1, result
+
+
+def test_staging_buffers_are_kept_from_save_to_save() -> None:
+    """The same buffers while the files keep their sizes (a run's saves), new ones when they change;
+    in shared memory for a persistent writer, which maps them instead of receiving copies."""
+    from qwen2_megatron.checkpoint.staging import StagingBuffers
+
+    for shared in (False, True):
+        buffers = StagingBuffers(shared)
+        first = buffers.get([1024, 64], pinned=False)
+        assert [b.numel() for b in first] == [1024, 64] and all(b.is_shared() == shared for b in first)
+        assert [b.data_ptr() for b in buffers.get([1024, 64], pinned=False)] == [b.data_ptr() for b in first]
+        assert [b.numel() for b in buffers.get([2048], pinned=False)] == [2048]
+
+
+def test_too_little_shared_memory_is_refused_before_staging() -> None:
+    import shutil
+
+    from qwen2_megatron.checkpoint.staging import StagingBuffers, StagingSpaceError
+
+    free = shutil.disk_usage("/dev/shm").free
+    with pytest.raises(StagingSpaceError, match=r"/dev/shm has .* GiB free.*--shm-size.*checkpoint.async_writer=fork"):
+        StagingBuffers(shared=True).get([free + (1 << 30)], pinned=False)

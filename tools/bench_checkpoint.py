@@ -13,10 +13,11 @@ as the trainer's loop does, until the background writer has finished and the sav
 the time that took beyond as many plain steps is what a save costs training; the host time of the
 next step's before_update, where with checkpoint.async_copy=overlap megatron's planning runs and
 the copies start; and rank 0's minor
-page faults in the step that triggers a save against a plain step's: megatron's writer is a forked
-process, which shares the trainer's memory copy-on-write, so every page of host memory the step
-writes while the writer lives is first copied; then the poll after that step, which with
-checkpoint.async_copy=overlap forks the writer, and the later steps beside the writer with their
+page faults in the step that triggers a save against a plain step's: megatron's default writer is a
+forked process, which shares the trainer's memory copy-on-write, so every page of host memory the
+step writes while the writer lives is first copied (--async-writer persistent: one writer process
+for the run, not forked); then the poll after that step, which with
+checkpoint.async_copy=overlap starts the writer, and the later steps beside the writer with their
 page faults); and, beside each
 synchronous save, a plain sequential write of the same number of bytes with fsync on the same
 disk, and the same bytes written into as many files at once as the save writes (ranks x write
@@ -92,7 +93,8 @@ def _state_tensors(models: list, optimizer: object) -> list:
 
 
 def save_rank(directory: str, preset: str, layers: int, repeats: int, seq: int, threads: int, precision: str,
-              micro_batches: int, write_threads: int, warmup: int, async_copy: str) -> dict[str, list[float]]:
+              micro_batches: int, write_threads: int, warmup: int, async_copy: str,
+              async_writer: str) -> dict[str, list[float]]:
     import torch
     import torch.distributed as dist
 
@@ -117,7 +119,7 @@ def save_rank(directory: str, preset: str, layers: int, repeats: int, seq: int, 
         sync, background = (
             CheckpointManager(
                 CheckpointConfig(dir=f"{directory}/{name}", keep_last=1, async_save=name == "async",
-                                 write_threads=write_threads, async_copy=async_copy),
+                                 write_threads=write_threads, async_copy=async_copy, async_writer=async_writer),
                 shape, runtime.layout, precision,
             )
             for name in ("sync", "async")
@@ -182,7 +184,7 @@ def save_rank(directory: str, preset: str, layers: int, repeats: int, seq: int, 
             times["step_while_writing_faults"].append(faults[-1])
             times["staging"].append(holds[-1])
             poll_start = time.perf_counter()
-            background.poll()  # with async_copy=overlap this one forks the writer
+            background.poll()  # with async_copy=overlap this one starts the writer
             times["first_poll"].append(time.perf_counter() - poll_start)
             while background.writing:
                 steps.append(train_step())
@@ -227,6 +229,7 @@ def save_rank(directory: str, preset: str, layers: int, repeats: int, seq: int, 
                 dist.barrier()
                 times[name].append(time.perf_counter() - start)
                 times[name + "_bytes_read"].append(_bytes_read() - before)
+        background.close()
         return times
     finally:
         shutdown_runtime()
@@ -252,6 +255,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1, help="training steps before the timed ones (1 or more)")
     parser.add_argument("--async-copy", choices=("auto", "overlap", "at_save"), default=CheckpointConfig.async_copy,
                         help="the asynchronous save's copy of the state to host memory (checkpoint.async_copy)")
+    parser.add_argument("--async-writer", choices=("fork", "persistent"), default=CheckpointConfig.async_writer,
+                        help="the asynchronous save's writer process: forked per save, or one for the run "
+                        "(checkpoint.async_writer)")
     args = parser.parse_args()
     if args.warmup < 1 or args.write_threads < 1:
         parser.error("--warmup and --write-threads must be >= 1")
@@ -265,7 +271,7 @@ def main() -> None:
         times = spawn(
             save_rank, args.nproc, str(work / "ckpt"), args.preset, args.layers, args.repeats, args.seq, args.threads,
             args.precision, args.micro_batches, args.write_threads, args.warmup, args.async_copy,
-            env=LauncherConfig().env,  # the trainer's rank environment
+            args.async_writer, env=LauncherConfig().env,  # the trainer's rank environment
         )[0]
         best = {key: min(values) for key, values in times.items() if values}
         nbytes, raw_s, save_s = best["bytes"], best["raw_write"], best["sync_save"]
@@ -290,7 +296,7 @@ def main() -> None:
               f"seq {args.seq}, {threads})")
         in_order = ", ".join(f"{t:.3f}" for t in times["async_blocking"])
         print(f"async save            {best['async_blocking']:.3f} s blocking (checkpoint.async_copy="
-              f"{args.async_copy}), then a step of "
+              f"{args.async_copy}, async_writer={args.async_writer}), then a step of "
               f"{best['step_while_writing']:.2f} s while writing; published after {best['async_total']:.2f} s")
         print(f"  blocking, by save   {in_order} s (rank 0; the first two plan the files, the later ones reuse "
               "the plans)")
@@ -301,7 +307,7 @@ def main() -> None:
               f"it: {statistics.median(times['step_while_writing_faults']):,.0f} against "
               f"{statistics.median(times['step_faults']):,.0f} in a plain step (medians)")
         print(f"first poll after it   {statistics.median(times['first_poll']):.3f} s (median; with async_copy=overlap "
-              "it waits for the copy and forks megatron's writer)")
+              "it waits for the copy and starts the writer: a fork, or a request to the persistent one)")
         later = times["later_steps_while_writing"]
         if later:
             print(f"later steps beside it median {statistics.median(later):.2f} s, slowest {max(later):.2f} s "

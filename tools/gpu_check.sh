@@ -21,9 +21,10 @@
 # MBS_05B / MBS_15B / MBS_7B / MOE_LAYERS (default by GPU memory, see below), FAST (the overrides
 # of "ours" beside hf in the 1.5b, 7b, 0.5b and moe cases; default compiled layers + compiled fused LM
 # loss with its gradients in forward), CASES (run in order while the budget lasts; default
-# "adam 1.5b-swiglu 0.5b-swiglu ckpt-bigstep 7b-lowmem parity 7b-fusion 1.5b-fusion 0.5b-fusion 1.5b-pure 0.5b-pure 1.5b-chunk 0.5b-chunk 7b-pure 7b-swiglu 7b-chunk moe-pure moe-eager moe":
+# "adam 1.5b-swiglu 0.5b-swiglu ckpt-bigstep ckpt-persistent 7b-lowmem parity 7b-fusion 1.5b-fusion 0.5b-fusion 1.5b-pure 0.5b-pure 1.5b-chunk 0.5b-chunk 7b-pure 7b-swiglu 7b-chunk moe-pure moe-eager moe":
 # one short GPU session runs about the first five or six: the optimizer micro-benchmark, the issue-7
-# targets within reach, issue 5's asynchronous save, the 7B-8L memory target, the GPU parity of the
+# targets within reach, issue 5's asynchronous save (with megatron's forked writer, then with the
+# run's persistent one), the 7B-8L memory target, the GPU parity of the
 # new kernels (before the *-fusion cases that depend on one of them); adam is tools/bench_adam.py (the optimizer phase of a pure-bf16 7B-8L step, torch's fused
 # AdamW against optim.flat_adam, into adam.jsonl): where FlatAdamW was faster and its weights agree,
 # the later *-swiglu, *-chunk, *-fusion and 7b-lowmem* cases run with optim.flat_adam=true (label "-flatadam";
@@ -54,7 +55,9 @@
 # megatron-core's copy at the save instead; both check that the asynchronous save equals a
 # synchronous one of the same step; ckpt-bigstep is ckpt with 32 micro-batches per step instead of
 # 8, about 1 s: the save's blocking host work is a fixed cost, so its share depends on the step,
-# and the recipes' steps take seconds); 7b-sameinit
+# and the recipes' steps take seconds; ckpt-persistent is ckpt-bigstep with
+# checkpoint.async_writer=persistent: one writer process for the run, reading shared pinned
+# staging buffers, instead of a fork per save); 7b-sameinit
 # starts ours from transformers' initial weights so that the two sides' bf16 losses in bench.jsonl
 # compare step by step; 7b-autocast is hf with fp32 master weights under bf16 autocast, the
 # numerics ours has, instead of pure bf16; 7b-pure, 1.5b-pure and 0.5b-pure train ours beside hf
@@ -86,7 +89,7 @@ mkdir -p "$OUT"
 BUDGET_S=${GPU_CHECK_BUDGET_S:-450}
 WARMUP=${WARMUP:-3}
 STEPS=${STEPS:-8}
-CASES=${CASES:-adam 1.5b-swiglu 0.5b-swiglu ckpt-bigstep 7b-lowmem parity 7b-fusion 1.5b-fusion 0.5b-fusion 1.5b-pure 0.5b-pure 1.5b-chunk 0.5b-chunk 7b-pure 7b-swiglu 7b-chunk moe-pure moe-eager moe}
+CASES=${CASES:-adam 1.5b-swiglu 0.5b-swiglu ckpt-bigstep ckpt-persistent 7b-lowmem parity 7b-fusion 1.5b-fusion 0.5b-fusion 1.5b-pure 0.5b-pure 1.5b-chunk 0.5b-chunk 7b-pure 7b-swiglu 7b-chunk moe-pure moe-eager moe}
 read -r -a FAST <<< "${FAST:-train.compile=layers train.fused_lm_loss=true train.fused_lm_loss_compile=true train.fused_lm_loss_grad_in_forward=true}"
 SMOKE=${GPU_CHECK_CPU_SMOKE:-0}
 FLAT_ADAM=${FLAT_ADAM:-auto}
@@ -249,6 +252,7 @@ EOF
             ckpt) run_case checkpoint 120 "$t0" "$py" "${ckpt[@]}" ;;
             ckpt-1thread) run_case checkpoint-1thread 120 "$t0" "$py" "${ckpt[@]}" --write-threads 1 ;;
             ckpt-bigstep) run_case checkpoint-bigstep 150 "$t0" "$py" "${ckpt[@]}" --micro-batches "$big_step" ;;
+            ckpt-persistent) run_case checkpoint-persistent 150 "$t0" "$py" "${ckpt[@]}" --micro-batches "$big_step" --async-writer persistent ;;
             ckpt-atsave) run_case checkpoint-atsave 120 "$t0" "$py" "${ckpt[@]}" --async-copy at_save ;;
             1.5b-plain) run_case qwen2_1.5b-plain 100 "$t0" "$py" "${bench[@]}" --preset "$p15" --micro-batch "$mbs15" \
                     --only ours --label qwen2_1.5b-plain ;;

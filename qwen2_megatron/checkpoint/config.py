@@ -21,6 +21,11 @@ class CheckpointConfig:
     # step) | at_save (megatron-core's: the saving step waits for the copy; on a CPU no copy, the
     # writer reads the trainer's memory copy-on-write) | auto (overlap where the state is on a GPU)
     async_copy: str = "auto"
+    # async_save's writer: fork (megatron-core's default: a process forked at every save, sharing the
+    # trainer's memory copy-on-write) | persistent (one process per rank for the whole run, started
+    # with the trainer, reading the shards from staging buffers in shared memory that are kept from
+    # save to save: /dev/shm must hold one copy of the node's shards; checkpoint/writer_process.py)
+    async_writer: str = "fork"
     # files each rank writes in parallel threads (torch.save and the writes release the GIL); a
     # disk or a parallel file system takes several streams faster than one (README, Checkpoints)
     write_threads: int = 4

@@ -2,7 +2,9 @@
 
 Saving: every `interval` steps, at the end, and on request (a signal or a SAVE file in the run
 directory; see train/trainer.py). With `async_save`, the step that saves only captures the state
-and hands the shards to megatron-core's background writer; the checkpoint is published when every
+and hands the shards to megatron-core's background writer (writer_process.py: a process forked per
+save, or with `async_writer=persistent` one per rank for the run, which reads the shards from
+shared staging buffers, so that they are always staged); the checkpoint is published when every
 rank's writer has finished (checked at each step by `poll`), and at most one save is in flight.
 Where `async_copy` says so (staging.py), the step that saves only captures its state; its
 handing to megatron and its copy to host memory overlap the next step: the trainer calls
@@ -28,13 +30,12 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 
 from qwen2_megatron.checkpoint.config import CheckpointConfig
 from qwen2_megatron.checkpoint.location import Location, location, remove_tree
 from qwen2_megatron.checkpoint.model_checkpoint import start_write_results_server
 from qwen2_megatron.checkpoint.save_strategy import RunSaveStrategy
-from qwen2_megatron.checkpoint.staging import StagedSave
+from qwen2_megatron.checkpoint.staging import StagedSave, StagingBuffers
 from qwen2_megatron.checkpoint.store import CheckpointStore, checkpoint_step
 from qwen2_megatron.checkpoint.train_checkpoint import (
     TrainingSnapshot,
@@ -48,6 +49,7 @@ from qwen2_megatron.checkpoint.validate import (
     check_files,
     verify_checksums_collectively,
 )
+from qwen2_megatron.checkpoint.writer_process import WriterQueue
 from qwen2_megatron.model.shape import Qwen2Shape
 from qwen2_megatron.parallel.layout import ParallelLayout
 
@@ -73,7 +75,9 @@ class CheckpointManager:
         self.cfg, self.shape, self.layout, self.precision = cfg, shape, layout, precision
         self.store = CheckpointStore(cfg.dir)
         self.main = dist.get_rank() == 0
-        self._queue = AsyncCallsQueue() if cfg.async_save else None
+        persistent = cfg.async_save and cfg.async_writer == "persistent"
+        self._queue = WriterQueue(persistent) if cfg.async_save else None
+        self._buffers = StagingBuffers(shared=persistent)
         self._captured: _Captured | None = None  # a save whose writing starts in the next step
         self._staged: StagedSave | None = None  # a save whose host copy overlaps the next step
         self._strategy = RunSaveStrategy(cfg.write_threads)
@@ -97,10 +101,13 @@ class CheckpointManager:
         overlap = asynchronous and (
             self.cfg.async_copy == "overlap" or (self.cfg.async_copy == "auto" and snapshot.on_gpu)
         )
-        if overlap:
+        if overlap or self._buffers.shared:
             saved_at = torch.cuda.current_stream().record_event() if snapshot.on_gpu else None
             self._captured = _Captured(step, start, snapshot, saved_at)
-            if self.main:
+            if not overlap:  # the persistent writer reads only the staging buffers: the copy is made now
+                self._stage()
+                self._start_writer()
+            elif self.main:
                 print(f"checkpoint of step {step} captured in {time.perf_counter() - start:.2f} s "
                       "(written from the next step on)", flush=True)
             return self.store.path(step)
@@ -145,7 +152,7 @@ class CheckpointManager:
             request.add_finalize_fn(partial(self._publish, captured.step, captured.start))
             return request
 
-        self._staged = StagedSave(write, captured.saved_at)
+        self._staged = StagedSave(write, captured.saved_at, self._buffers)
         if self.main:
             print(f"checkpoint of step {captured.step} handed to the background writer "
                   f"{time.perf_counter() - captured.start:.2f} s after its save began", flush=True)
@@ -177,6 +184,11 @@ class CheckpointManager:
             self._start_writer()
         if self.writing:
             self._queue.maybe_finalize_async_calls(blocking=True)
+
+    def close(self) -> None:
+        """Stop the persistent writer, if any (after `wait` or `abort`: nothing is in flight)."""
+        if self._queue is not None:
+            self._queue.close()
 
     def abort(self) -> None:
         """Stop a background save without publishing it (after a failure elsewhere): its partial

@@ -165,6 +165,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "train.on_nonfinite": ("skip", "stop"),
     "log.wandb.mode": ("online", "offline", "disabled"),
     "checkpoint.async_copy": ("auto", "overlap", "at_save"),
+    "checkpoint.async_writer": ("fork", "persistent"),
 }
 
 
@@ -193,6 +194,9 @@ def validate(cfg: TrainerConfig, world_size: int, have_te: bool = False) -> Para
                 "checkpoint.write_threads", "train.fused_lm_loss_chunk"):
         if _get(cfg, key) < 1:
             raise ConfigError(f"{key}={_get(cfg, key)} must be >= 1")
+    if cfg.checkpoint.async_writer == "persistent" and not cfg.checkpoint.async_save:
+        raise ConfigError("checkpoint.async_writer=persistent writes asynchronous saves: "
+                          "set checkpoint.async_save=true as well")
     for key in ("fused_lm_loss_compile", "fused_lm_loss_grad_in_forward"):
         if getattr(t, key) and not t.fused_lm_loss:
             raise ConfigError(f"train.{key}=true changes the fused LM loss, which is off: "

@@ -355,6 +355,7 @@ class Trainer:
         """Release what outlives a step: files, loaders, the W&B run; the previous signal
         handlers (the trainer's would keep it and its model alive) and stale autograd graphs."""
         self._restore_signal_handlers()
+        self.checkpoints.close()
         drop_stale_graphs(self.model)
         self.metrics.close()
         self.loader.close()
