@@ -6,6 +6,7 @@ staged asynchronous save (checkpoint/staging.py) plans and copies during the nex
 from __future__ import annotations
 
 import io
+import os
 from pathlib import Path
 from typing import Any
 
@@ -457,3 +458,57 @@ def test_too_little_shared_memory_is_refused_before_staging() -> None:
     free = shutil.disk_usage("/dev/shm").free
     with pytest.raises(StagingSpaceError, match=r"/dev/shm has .* GiB free.*--shm-size.*checkpoint.async_writer=fork"):
         StagingBuffers(shared=True).get([free + (1 << 30)], pinned=False)
+
+
+_RANK_WITH_HELPERS = """
+import multiprocessing, os, signal, sys, time
+import torch.distributed as dist
+from qwen2_megatron.checkpoint.model_checkpoint import start_write_results_server
+from qwen2_megatron.checkpoint.writer_process import PersistentWriter
+from qwen2_megatron.parallel.local_launch import free_port
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, lambda *_: None)  # as the trainer's, which defers SIGTERM
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    start_write_results_server()
+    writer = PersistentWriter()
+    print(" ".join(str(child.pid) for child in multiprocessing.active_children()), flush=True)
+    time.sleep(600)
+"""
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state not in "ZX"
+
+
+def test_checkpoint_helpers_end_with_a_killed_rank(tmp_path: Path) -> None:
+    """A rank SIGKILLed (the out-of-memory killer, torchrun ending a failed job, `timeout`) cannot
+    stop its helper processes: megatron's write-results server (forked, so with the trainer's
+    SIGTERM handler) and the persistent writer (blocked on its queue) end with it instead of
+    living on with the rank's stdout open."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "rank.py"
+    script.write_text(_RANK_WITH_HELPERS)
+    rank = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    try:
+        helpers = [int(pid) for pid in rank.stdout.readline().split()]
+        assert len(helpers) == 2 and all(map(_running, helpers)), helpers
+    finally:
+        rank.kill()
+        rank.wait()
+    deadline = time.monotonic() + 20
+    while any(map(_running, helpers)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    left = [pid for pid in helpers if _running(pid)]
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    assert not left, f"helpers still running after their rank was killed: {left}"

@@ -25,10 +25,16 @@ def train_configs(configs: list[TrainerConfig]) -> list[list[float] | str]:
     return results
 
 
-def train_and_release(configs: list[TrainerConfig]) -> list[list[str]]:
+def _gloo_threads() -> int:
+    return sum((task / "comm").read_text().startswith(("gloo", "pt_gloo")) for task in Path("/proc/self/task").iterdir())
+
+
+def train_and_release(configs: list[TrainerConfig]) -> tuple[list[list[str]], list[int]]:
     """Train each config, drop the trainer, collect garbage: what is still alive of it (and of a
-    trainer that failed to start, its error's name, and its SIGTERM handler if still installed)."""
+    trainer that failed to start, its error's name, and its SIGTERM handler if still installed);
+    and after each teardown that keeps the default group, this rank's gloo threads."""
     survivors: list[list[str]] = []
+    threads: list[int] = []
     for cfg in configs:
         handler = signal.getsignal(signal.SIGTERM)
         try:
@@ -44,8 +50,9 @@ def train_and_release(configs: list[TrainerConfig]) -> list[list[str]]:
         gc.collect()
         survivors.append(sorted(name for name, ref in refs.items() if ref() is not None))
         shutdown_runtime(keep_process_group=True)
+        threads.append(_gloo_threads())
     shutdown_runtime()
-    return survivors
+    return survivors, threads
 
 
 def train_and_list_helpers(configs: list[TrainerConfig]) -> list[bool]:

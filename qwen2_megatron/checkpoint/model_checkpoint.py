@@ -9,15 +9,18 @@ refuse a checkpoint of another shape with a clear message instead of a tensor-sh
 from __future__ import annotations
 
 import json
+import multiprocessing as mp
+import signal
 from dataclasses import asdict
 from importlib.metadata import PackageNotFoundError, version
+from multiprocessing.managers import SyncManager
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
-from megatron.core.dist_checkpointing.strategies.filesystem_async import get_write_results_queue
+from megatron.core.dist_checkpointing.strategies import filesystem_async
 
 from qwen2_megatron.checkpoint.config import CheckpointConfig
 from qwen2_megatron.checkpoint.location import Location, location
@@ -25,6 +28,7 @@ from qwen2_megatron.checkpoint.save_strategy import save_strategy
 from qwen2_megatron.checkpoint.validate import verify_checksums_collectively
 from qwen2_megatron.model.shape import Qwen2Shape
 from qwen2_megatron.parallel.layout import ParallelLayout
+from qwen2_megatron.parallel.lifetime import end_with_parent
 
 INFO_FILE = "qwen2_megatron.json"
 FORMAT_VERSION = 1
@@ -46,8 +50,21 @@ def start_write_results_server() -> None:
     with 'spawn': a new interpreter that imports the training program again (9 s on a 2-core
     machine, at every start of a run; on an H200 node the first save took 14 s longer than the
     second) and keeps torch loaded beside every rank. A fork takes 0.04 s; the helper process shares
-    the memory of the moment copy-on-write, so the trainer starts it before building the model."""
-    get_write_results_queue("fork")
+    the memory of the moment copy-on-write, so the trainer starts it before building the model.
+
+    The server is megatron's (a multiprocessing manager holding its queue, which megatron keeps in
+    `filesystem_async._results_queue`), started here so that it ends with its rank: forked, it
+    would inherit the trainer's SIGTERM handler (which defers the signal to the end of a step) and
+    outlive a rank killed outright, holding the rank's stdout open."""
+    if filesystem_async._results_queue is None:
+        manager = SyncManager(ctx=mp.get_context("fork"))
+        manager.start(_results_server_init)
+        filesystem_async._results_queue = manager.Queue()
+
+
+def _results_server_init() -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    end_with_parent(signal.SIGKILL)
 
 
 def save_model(

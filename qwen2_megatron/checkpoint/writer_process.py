@@ -18,6 +18,7 @@ started once and fed through queues (PersistentAsyncCaller). Used as is, it woul
 from __future__ import annotations
 
 import logging
+import signal
 from queue import Empty
 from typing import Any
 
@@ -31,6 +32,8 @@ from megatron.core.dist_checkpointing.strategies.async_utils import (
     TemporalAsyncCaller,
 )
 
+from qwen2_megatron.parallel.lifetime import end_with_parent
+
 
 class WriterDiedError(RuntimeError):
     """The run's persistent checkpoint writer exited while a save was in flight."""
@@ -39,7 +42,9 @@ class WriterDiedError(RuntimeError):
 def _writer_loop(rank: int, *queues_and_log_level: Any) -> None:
     """The writer process: megatron's loop, without a device of its own (see the module's doc). The
     loop's first act is torch.cuda.set_device(rank % torch.cuda.device_count()); in this process,
-    which has no other use for CUDA, that reads a count of 1 and sets nothing."""
+    which has no other use for CUDA, that reads a count of 1 and sets nothing. It ends with its
+    rank, even one killed outright (it would otherwise wait on its queue forever)."""
+    end_with_parent(signal.SIGKILL)
     torch.cuda.device_count = lambda: 1
     torch.cuda.set_device = lambda device: None
     PersistentAsyncCaller.async_loop(rank, *queues_and_log_level)

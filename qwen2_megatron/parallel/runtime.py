@@ -79,5 +79,23 @@ def shutdown_runtime(keep_process_group: bool = False) -> None:
     """Tear down megatron-core's groups and (unless kept for another layout) the default group."""
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
-    if dist.is_initialized() and not keep_process_group:
+    if not dist.is_initialized():
+        return
+    if keep_process_group:
+        _destroy_subgroups()
+    else:
         dist.destroy_process_group()
+
+
+def _destroy_subgroups() -> None:
+    """Destroy every group but the default one.
+
+    megatron-core's destroy_model_parallel only forgets most of its groups, and torch keeps them
+    registered. A process that keeps its default group to start another layout would keep some
+    40 groups per layout, each with its own gloo threads: hundreds of threads per process after a
+    few layouts, which keep waking up and slow everything else on the machine. Megatron-core reads
+    torch's registry of groups (`_world.pg_map`) in the same way.
+    """
+    default = dist.distributed_c10d._get_default_group()
+    for group in [group for group in dist.distributed_c10d._world.pg_map if group is not default]:
+        dist.destroy_process_group(group)
