@@ -65,7 +65,7 @@
 # 7b-pure-mbs, 1.5b-pure-mbs and 0.5b-pure-mbs ours alone so at twice that shape's micro-batch,
 # moe-pure the moe case so; 7b-pure, 1.5b-pure, 0.5b-pure and moe-pure also write torch.profiler's
 # kernel tables, e.g. profile_7b-8L-pure.{ours,hf}.txt, into profiles.tar.gz, as does 0.5b-swiglu).
-# GPU_CHECK_CPU_SMOKE=1 runs the same plumbing on CPU with tiny models and 64-token sequences (to
+# GPU_CHECK_CPU_SMOKE=1 runs the same plumbing on CPU with tiny models and micro-batches of one 32-token sequence (to
 # test this script without a GPU; the numbers mean nothing). Results so far: tools/GPU_RESULTS.md.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2
@@ -146,6 +146,8 @@ EOF
     [ "$mem" -ge 120 ] && big=1
     local mbs05=${MBS_05B:-4} mbs15=${MBS_15B:-$([ $big = 1 ] && echo 4 || echo 2)}
     local mbs7=${MBS_7B:-$([ $big = 1 ] && echo 2 || echo 1)} moe_layers=${MOE_LAYERS:-$([ $big = 1 ] && echo 2 || echo 1)}
+    # CPU smoke: micro-batches of one sequence (a bf16 matrix product on a CPU is slow)
+    [ "$SMOKE" = 1 ] && mbs05=1 mbs15=1 mbs7=1
     echo "card memory ${mem} GiB: micro-batch 0.5B $mbs05, 1.5B $mbs15, 7B-8L $mbs7; MoE $moe_layers layer(s)"
     local t0 fast=() eager=() o
     for o in "${FAST[@]}"; do
@@ -172,7 +174,7 @@ EOF
     local flat=() flat_tag=""  # optim.flat_adam: FLAT_ADAM=on, or auto once the adam case has shown it pays
     [ "$FLAT_ADAM" = on ] && flat=(--override optim.flat_adam=true) flat_tag=-flatadam
     if [ "$SMOKE" = 1 ]; then
-        bench=(tools/bench_throughput.py --device cpu --seq 64 --warmup 0 --steps 1 --json-out "$OUT/bench.jsonl")
+        bench=(tools/bench_throughput.py --device cpu --seq 32 --warmup 0 --steps 1 --json-out "$OUT/bench.jsonl")
         parity+=(--device cpu --small)
         ckpt=(tools/bench_checkpoint.py --nproc 1 --seq 64 --layers 1 --repeats 1 --dir /tmp)
         swiglu=(tools/bench_swiglu.py --device cpu --shapes tiny --tokens 256 --iters 2 --json-out "$OUT/swiglu.jsonl")
