@@ -132,7 +132,7 @@ def test_pure_bf16_trains_like_transformers(tmp_path: Path, clip: str) -> None:
     gradients, the way torch.nn.utils.clip_grad_norm_ clips transformers'. (The losses alone do
     not tell fp32 master weights from none at this size: the bytes test in test_trainer does.)"""
     proc = subprocess.run(
-        [sys.executable, str(TOOL), "--device", "cpu", "--dtype", "bf16", "--preset", "tiny", "--seq", "64",
+        [sys.executable, str(TOOL), "--device", "cpu", "--dtype", "bf16", "--preset", "tiny", "--seq", "32",
          "--steps", "16", "--warmup", "0", "--micro-batch", "2", "--lr", "1e-3", "--same-init",
          "--override", "optim.distributed_optimizer=false", "--override", "optim.fp32_master_weights=false",
          "--override", f"optim.clip_in_fused_adam={clip == 'in_fused_adam'}"],
