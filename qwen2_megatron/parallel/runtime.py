@@ -92,7 +92,7 @@ def _destroy_subgroups() -> None:
 
     megatron-core's destroy_model_parallel only forgets most of its groups, and torch keeps them
     registered. A process that keeps its default group to start another layout would keep some
-    40 groups per layout, each with its own gloo threads: hundreds of threads per process after a
+    20 groups per layout (67 gloo threads per rank): hundreds of threads per process after a
     few layouts, which keep waking up and slow everything else on the machine. Megatron-core reads
     torch's registry of groups (`_world.pg_map`) in the same way.
     """
